@@ -1,0 +1,60 @@
+"""optaxclip: every gradient-clipping method as an Optax ``GradientTransformation``.
+
+Robust float32 norms that never overflow to a wrong answer, fixed-threshold clippers,
+guards against non-finite updates and loss spikes, and a :class:`ClipStats` record of what
+every clipper did, readable with :func:`stats`.
+"""
+
+from optaxclip._compose import PerLayerState, per_layer
+from optaxclip._fixed import (
+    ClipByBlockRmsState,
+    ClipByGlobalNormState,
+    ClipByLeafNormState,
+    ClipByValueState,
+    clip_by_block_rms,
+    clip_by_global_norm,
+    clip_by_leaf_norm,
+    clip_by_value,
+)
+from optaxclip._guards import (
+    ErrorIfNonfiniteState,
+    SkipNonfiniteState,
+    SkipSpikesState,
+    ZeroNonfiniteState,
+    error_if_nonfinite,
+    skip_nonfinite,
+    skip_spikes,
+    zero_nonfinite,
+)
+from optaxclip._numerics import global_norm, leaf_norms
+from optaxclip._stats import ClipStats, stats
+from optaxclip._unitwise import AdaptiveGradClipState, adaptive_grad_clip
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveGradClipState",
+    "ClipByBlockRmsState",
+    "ClipByGlobalNormState",
+    "ClipByLeafNormState",
+    "ClipByValueState",
+    "ClipStats",
+    "ErrorIfNonfiniteState",
+    "PerLayerState",
+    "SkipNonfiniteState",
+    "SkipSpikesState",
+    "ZeroNonfiniteState",
+    "adaptive_grad_clip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_leaf_norm",
+    "clip_by_value",
+    "error_if_nonfinite",
+    "global_norm",
+    "leaf_norms",
+    "per_layer",
+    "skip_nonfinite",
+    "skip_spikes",
+    "stats",
+    "zero_nonfinite",
+]

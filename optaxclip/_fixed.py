@@ -1,0 +1,352 @@
+"""Fixed-threshold clipping: by value, by global norm, by leaf norm, by block RMS.
+
+References: Mikolov 2012 (value clipping); Pascanu, Mikolov & Bengio 2013, "On the
+difficulty of training recurrent neural networks" (global norm); Keras ``clipnorm`` (per
+leaf); Shazeer & Stern 2018, "Adafactor" (block RMS).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _numerics as num
+from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
+from optaxclip._tree import check_threshold
+
+Threshold = float | jax.Array | optax.Schedule
+
+
+def _init(state_cls):
+    def init_fn(params):
+        del params
+        return state_cls(stats=init_stats())
+
+    return init_fn
+
+
+def _round_down(limit: jax.Array, dtype: np.dtype) -> jax.Array:
+    """The largest value of ``dtype`` that is <= ``limit`` (so clipped entries never exceed it)."""
+    low = limit.astype(dtype)
+    return jnp.where(low.astype(limit.dtype) > limit, jnp.nextafter(low, jnp.zeros_like(low)), low)
+
+
+# ---------------------------------------------------------------------------
+# clip_by_value
+# ---------------------------------------------------------------------------
+
+
+@named_state("clip_by_value")
+class ClipByValueState(NamedTuple):
+    """State of :func:`clip_by_value`: O(1) scalars."""
+
+    stats: ClipStats
+
+
+def clip_by_value(max_value: Threshold) -> optax.GradientTransformationExtraArgs:
+    r"""Clips every entry of the update to ``[-max_value, max_value]``.
+
+    .. math::
+        u_j \leftarrow \min(\max(u_j, -c), c), \qquad c = \texttt{max\_value}
+
+    NaN entries pass through unchanged and :math:`\pm\infty` become :math:`\pm c` (value
+    clipping hides infinite gradients; put :func:`skip_nonfinite` in front to catch them).
+    The bound is applied in each leaf's dtype, rounded down, so no output exceeds it.
+
+    Args:
+      max_value: the bound :math:`c \ge 0`: a float, a scalar array, or an ``optax.Schedule``
+        of the step count.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its state holds a :class:`ClipStats`
+      (O(1) scalars). ``clipped`` is the fraction of entries clipped and ``scale`` is
+      :math:`c / \max_j |u_j|` when anything was clipped.
+
+    Raises:
+      ValueError: ``max_value`` is negative, NaN or not a scalar.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.clip_by_value(1.0)
+      >>> g = {"w": jnp.array([-3.0, 0.5, 4.0])}
+      >>> tx.update(g, tx.init(g))[0]
+      {'w': Array([-1. ,  0.5,  1. ], dtype=float32)}
+
+    References:
+      Mikolov, "Statistical Language Models Based on Neural Networks", PhD thesis, Brno
+      University of Technology, 2012.
+    """
+    check_threshold(max_value, "max_value")
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        leaves = [jnp.asarray(x) for x in jax.tree.leaves(updates)]
+        dtype = num.accum_dtype(leaves)
+        c = jnp.maximum(num.resolve(max_value, state.stats.count, dtype), 0)
+        norm = num.global_pair(updates, 2)
+        largest = num.global_pair(updates, math.inf)
+        p, q, any_clipped = num.clip_factors(largest, c)
+        # Count entries above c: sign(max(|x| - c, 0)) vectorises where a compare does not.
+        over = [jnp.sum(jnp.sign(jnp.fmax(jnp.abs(num._wide(x, dtype)) - c, 0))) for x in leaves]
+        size = sum(x.size for x in leaves)
+        fraction = sum(over, jnp.zeros((), dtype)) / max(size, 1)
+
+        def clip_leaf(x):
+            x = jnp.asarray(x)
+            if jnp.iscomplexobj(x):  # clip the magnitude, keep the phase
+                mag = jnp.abs(x)
+                bound = _round_down(c, mag.dtype)
+                factor = jnp.where(mag > bound, bound / jnp.where(mag > bound, mag, 1), 1)
+                return (x * factor.astype(x.dtype)).astype(x.dtype)
+            bound = _round_down(c, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else c
+            return jnp.clip(x, -bound, bound).astype(x.dtype)
+
+        updates = jax.tree.map(clip_leaf, updates)
+        stats = next_stats(
+            state.stats,
+            norm=norm.value,
+            threshold=c,
+            scale=p * q,
+            clipped=fraction,
+            any_clipped=any_clipped,
+            nonfinite=~norm.finite,
+        )
+        return updates, ClipByValueState(stats=stats)
+
+    return optax.GradientTransformationExtraArgs(_init(ClipByValueState), update_fn)
+
+
+# ---------------------------------------------------------------------------
+# clip_by_global_norm
+# ---------------------------------------------------------------------------
+
+
+@named_state("clip_by_global_norm")
+class ClipByGlobalNormState(NamedTuple):
+    """State of :func:`clip_by_global_norm`: O(1) scalars."""
+
+    stats: ClipStats
+
+
+def clip_by_global_norm(
+    max_norm: Threshold,
+    *,
+    ord: Any = 2,
+    axis_name: num.AxisName = None,
+    partition_specs: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Scales the whole update so its global norm is at most ``max_norm``.
+
+    .. math::
+        u \leftarrow u \cdot \min\!\Big(1, \frac{c}{\|u\|}\Big), \qquad c = \texttt{max\_norm}
+
+    with :math:`\|u\|` the norm of all leaves together (:func:`global_norm`). Clips iff
+    :math:`\|u\| > c` (no epsilon), multiplying by the factor so the scaling fuses into the
+    optimizer's own elementwise pass. The norm is accumulated in float32 and never
+    overflows or underflows: float32 entries of ``1e30`` are clipped to the right direction.
+    A non-finite norm (a NaN or infinite entry) leaves the update unchanged and is counted
+    in ``ClipStats.num_nonfinite``: put :func:`skip_nonfinite` around the optimizer to skip
+    such steps. Each output leaf keeps its dtype.
+
+    Args:
+      max_norm: the threshold :math:`c \ge 0`: a float, a scalar array, or an
+        ``optax.Schedule`` of the step count. Works under ``optax.inject_hyperparams``.
+      ord: the norm: 2 (default), 1 or inf.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf is sharded over.
+      partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` (or a prefix)
+        saying how each leaf is sharded; see :func:`global_norm`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its state holds a :class:`ClipStats`
+      (O(1) scalars).
+
+    Raises:
+      ValueError: ``max_norm`` negative, NaN or not a scalar; ``ord`` not 1, 2 or inf; both
+        ``axis_name`` and ``partition_specs``.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.clip_by_global_norm(1.0)
+      >>> g = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+      >>> tx.update(g, tx.init(g))[0]
+      {'a': Array([0.6], dtype=float32), 'b': Array([0.8], dtype=float32)}
+
+    References:
+      Pascanu, Mikolov & Bengio, `On the difficulty of training recurrent neural networks
+      <https://arxiv.org/abs/1211.5063>`_, ICML 2013.
+    """
+    check_threshold(max_norm, "max_norm")
+    ord = num.canonical_ord(ord)
+    if axis_name is not None and partition_specs is not None:
+        num.Reducer.build({}, axis_name, partition_specs)  # raises the shared message
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        norm = num.global_pair(updates, ord, axis_name=axis_name, partition_specs=partition_specs)
+        limit = num.resolve(max_norm, state.stats.count, norm.m.dtype)
+        p, q, clipped = num.clip_factors(norm, limit)
+        updates = jax.tree.map(lambda x: num.scale_leaf(jnp.asarray(x), p, q), updates)
+        stats = next_stats(
+            state.stats,
+            norm=norm.value,
+            threshold=limit,
+            scale=p * q,
+            clipped=clipped,
+            any_clipped=clipped,
+            nonfinite=~norm.finite,
+        )
+        return updates, ClipByGlobalNormState(stats=stats)
+
+    return optax.GradientTransformationExtraArgs(_init(ClipByGlobalNormState), update_fn)
+
+
+# ---------------------------------------------------------------------------
+# Per-leaf clipping
+# ---------------------------------------------------------------------------
+
+
+def _per_leaf_update(updates, state, limit_of, ord, threshold):
+    """Clips each leaf to ``limit_of(leaf, limit_dtype)``; returns updates and new stats."""
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(x) for x in leaves]
+    norms = num.unit_pairs(leaves, ord, [None] * len(leaves))
+    dtype = num.accum_dtype(leaves)
+    out, scales, clipped = [], [], []
+    for x, norm in zip(leaves, norms):
+        p, q, c = num.clip_factors(norm, limit_of(x, dtype))
+        out.append(num.scale_leaf(x, p, q))
+        scales.append(jnp.min(p * q))
+        clipped.append(jnp.any(c))
+    n_clipped = jnp.sum(jnp.stack(clipped)) if clipped else jnp.zeros((), np.int32)
+    total = num.combine(norms, ord)
+    stats = next_stats(
+        state.stats,
+        norm=total.value,
+        threshold=threshold(dtype),
+        scale=jnp.min(jnp.stack(scales)) if scales else 1.0,
+        clipped=n_clipped / max(len(leaves), 1),
+        any_clipped=n_clipped > 0,
+        nonfinite=~total.finite,
+    )
+    return jax.tree.unflatten(treedef, out), stats
+
+
+@named_state("clip_by_leaf_norm")
+class ClipByLeafNormState(NamedTuple):
+    """State of :func:`clip_by_leaf_norm`: O(1) scalars."""
+
+    stats: ClipStats
+
+
+def clip_by_leaf_norm(
+    max_norm: Threshold, *, ord: Any = 2
+) -> optax.GradientTransformationExtraArgs:
+    r"""Scales each leaf (tensor) separately so its norm is at most ``max_norm``.
+
+    .. math::
+        u_i \leftarrow u_i \cdot \min\!\Big(1, \frac{c}{\|u_i\|}\Big)
+        \quad \text{for every leaf } u_i, \qquad c = \texttt{max\_norm}
+
+    This is "per-layer" clipping, Keras' ``clipnorm``. Norms use the robust float32
+    accumulation of :func:`global_norm`; a leaf with a non-finite norm passes through.
+
+    Args:
+      max_norm: the threshold :math:`c \ge 0` (float, scalar array or schedule).
+      ord: 2 (default), 1 or inf.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its state holds a :class:`ClipStats`
+      (O(1) scalars). ``clipped`` is the fraction of leaves clipped; ``norm`` the global norm.
+
+    Raises:
+      ValueError: ``max_norm`` negative, NaN or not a scalar; ``ord`` not 1, 2 or inf.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.clip_by_leaf_norm(1.0)
+      >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
+      >>> tx.update(g, tx.init(g))[0]
+      {'a': Array([0.6, 0.8], dtype=float32), 'b': Array([0.5], dtype=float32)}
+
+    References:
+      Keras ``Optimizer(clipnorm=...)``; Pascanu, Mikolov & Bengio, `On the difficulty of
+      training recurrent neural networks <https://arxiv.org/abs/1211.5063>`_, ICML 2013.
+    """
+    check_threshold(max_norm, "max_norm")
+    ord = num.canonical_ord(ord)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        count = state.stats.count
+        updates, stats = _per_leaf_update(
+            updates,
+            state,
+            lambda x, dtype: num.resolve(max_norm, count, dtype),
+            ord,
+            lambda dtype: num.resolve(max_norm, count, dtype),
+        )
+        return updates, ClipByLeafNormState(stats=stats)
+
+    return optax.GradientTransformationExtraArgs(_init(ClipByLeafNormState), update_fn)
+
+
+@named_state("clip_by_block_rms")
+class ClipByBlockRmsState(NamedTuple):
+    """State of :func:`clip_by_block_rms`: O(1) scalars."""
+
+    stats: ClipStats
+
+
+def clip_by_block_rms(max_rms: Threshold) -> optax.GradientTransformationExtraArgs:
+    r"""Scales each leaf (block) so its root-mean-square is at most ``max_rms``.
+
+    .. math::
+        u_i \leftarrow \frac{u_i}{\max\big(1, \mathrm{RMS}(u_i) / c\big)}, \qquad
+        \mathrm{RMS}(u_i) = \sqrt{\tfrac{1}{n_i} \textstyle\sum_j |u_{ij}|^2},
+        \qquad c = \texttt{max\_rms}
+
+    Adafactor's update clipping when placed after the preconditioner (as in
+    ``optax.adafactor``); gradient clipping by RMS when placed first. A 0-size leaf has RMS 0.
+
+    Args:
+      max_rms: the threshold :math:`c \ge 0` (float, scalar array or schedule).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its state holds a :class:`ClipStats`
+      (O(1) scalars). ``clipped`` is the fraction of leaves clipped; ``norm`` the global
+      L2 norm.
+
+    Raises:
+      ValueError: ``max_rms`` negative, NaN or not a scalar.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.clip_by_block_rms(1.0)
+      >>> g = {"w": jnp.array([3.0, 4.0, 0.0, 0.0])}  # RMS 2.5
+      >>> tx.update(g, tx.init(g))[0]
+      {'w': Array([1.2, 1.6, 0. , 0. ], dtype=float32)}
+
+    References:
+      Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
+      <https://arxiv.org/abs/1804.04235>`_, ICML 2018.
+    """
+    check_threshold(max_rms, "max_rms")
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        count = state.stats.count
+        updates, stats = _per_leaf_update(
+            updates,
+            state,
+            lambda x, dtype: num.resolve(max_rms, count, dtype) * math.sqrt(x.size),
+            2,
+            lambda dtype: num.resolve(max_rms, count, dtype),
+        )
+        return updates, ClipByBlockRmsState(stats=stats)
+
+    return optax.GradientTransformationExtraArgs(_init(ClipByBlockRmsState), update_fn)

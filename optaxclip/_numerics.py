@@ -1,0 +1,561 @@
+"""Norms that are never silently wrong, and the factors that clip by them.
+
+Every norm is accumulated in float32 (float64 when a leaf is float64), in one fused pass
+per leaf on the path ordinary inputs take. Only when that pass overflowed (``inf``) or may
+have lost mass to underflow (a sum below ``n * tiny / eps``, ``n`` the number of entries)
+does a rescaled pass run, under ``lax.cond``: each entry is divided by the largest
+magnitude first, so nothing can overflow or underflow.
+
+A norm is carried as a pair ``Norm(m, r)`` whose value is ``m * r``: ``m`` is 1 on the
+ordinary path and the largest magnitude on the rescaled one. The pair stays exact where the
+value itself would not fit the dtype (entries near float32's max), and clipping factors are
+derived from the pair so a clipped update keeps its direction on every finite input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec
+
+AxisName = str | tuple[str, ...] | None
+
+# Clipping factors are split as p * q with p a power of two, so neither underflows when the
+# largest entry is near the dtype's max (the scale itself would be subnormal there).
+_SPLIT_EXPONENT = {np.dtype(np.float32): 64, np.dtype(np.float64): 512}
+
+
+class Norm(NamedTuple):
+    """A norm as a pair: its value is ``m * r``; ``m > 0`` (1 on the ordinary path)."""
+
+    m: jax.Array
+    r: jax.Array
+
+    @property
+    def value(self) -> jax.Array:
+        return self.m * self.r
+
+    @property
+    def finite(self) -> jax.Array:
+        """True when every entry that went into the norm was finite."""
+        return jnp.isfinite(self.m) & jnp.isfinite(self.r)
+
+
+# ---------------------------------------------------------------------------
+# Arguments and dtypes
+# ---------------------------------------------------------------------------
+
+
+def canonical_ord(ord: Any) -> Any:
+    """Returns 1, 2 or inf; accepts ``"inf"``, ``jnp.inf`` and ``float("inf")``.
+
+    A traced ``ord`` (``optax.inject_hyperparams`` makes one of the default) is returned as
+    is: the norms then pick the rule with ``lax.switch``, and a value other than 1, 2 or inf
+    gives a NaN norm (no clipping).
+    """
+    if isinstance(ord, str) and ord.lower() == "inf":
+        return math.inf
+    if isinstance(ord, jax.core.Tracer):
+        return ord
+    if not isinstance(ord, bool):
+        try:
+            value = float(ord)
+        except (TypeError, ValueError):
+            value = None
+        if value in (1.0, 2.0, math.inf):
+            return value
+    raise ValueError(f"`ord` must be 1, 2 or inf (also 'inf' or jnp.inf); got {ord!r}.")
+
+
+def accum_dtype(leaves: Sequence[Any]) -> np.dtype:
+    """float64 when any leaf is float64 or complex128, else float32."""
+    for x in leaves:
+        dtype = jnp.result_type(x)
+        if jnp.issubdtype(dtype, jnp.inexact) and jnp.finfo(dtype).bits == 64:
+            return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _wide(x: jax.Array, dtype: np.dtype) -> jax.Array:
+    """``x`` in the accumulation dtype (complex leaves stay complex)."""
+    if jnp.iscomplexobj(x):
+        return x.astype(np.complex128 if dtype == np.float64 else np.complex64)
+    return jnp.asarray(x).astype(dtype)
+
+
+def _magnitude(x: jax.Array, ord: float, dtype: np.dtype) -> jax.Array:
+    """Per-entry contribution to a sum: |x|**2 for ord 2, |x| for ord 1 (real, in ``dtype``)."""
+    xw = _wide(x, dtype)
+    if ord == 2:
+        if jnp.iscomplexobj(xw):
+            return jnp.square(jnp.real(xw)) + jnp.square(jnp.imag(xw))
+        return xw * xw
+    return jnp.abs(xw)
+
+
+def _finish(s: jax.Array, ord: float) -> jax.Array:
+    return jnp.sqrt(s) if ord == 2 else s
+
+
+def _underflow_floor(n: int | jax.Array, dtype: np.dtype) -> jax.Array:
+    """Below this sum, mass lost to flushed subnormals could exceed one ulp of the result."""
+    info = jnp.finfo(dtype)
+    return jnp.asarray(n, dtype) * (float(info.tiny) / float(info.eps))
+
+
+def _pow2(k: jax.Array, dtype: np.dtype) -> jax.Array:
+    """2**k exactly, built from its bits (k within the dtype's normal exponent range)."""
+    info = jnp.finfo(dtype)
+    int_dtype = np.int64 if info.bits == 64 else np.int32
+    bias = info.maxexp - 1
+    bits = (k.astype(int_dtype) + bias) << info.nmant
+    return lax.bitcast_convert_type(bits, dtype)
+
+
+def times_inverse(x: jax.Array, m: jax.Array) -> jax.Array:
+    """``x / m`` for finite ``m >= tiny``, without forming ``1/m``.
+
+    XLA rewrites division by a broadcast scalar as multiplication by its reciprocal, which
+    is subnormal (flushed to 0) when ``m`` is near the dtype's max. Here ``m = f * 2**e`` and
+    ``x / m = x * 2**-e1 * 2**-e2 * (1/f)`` with every factor a normal number.
+    """
+    f, e = jnp.frexp(m)
+    e1 = e // 2
+    a, b, c = _pow2(-e1, m.dtype), _pow2(e1 - e, m.dtype), 1 / f
+    if jnp.iscomplexobj(x):
+        a, b, c = (v.astype(x.dtype) for v in (a, b, c))
+    return x * a * b * c
+
+
+def _from_max(m: jax.Array) -> Norm:
+    """The degenerate cases of a rescaled norm: all zero (or subnormal), inf, NaN."""
+    tiny = jnp.finfo(m.dtype).tiny
+    big = ~(m < tiny)  # NaN counts as big, so it propagates
+    one = jnp.ones_like(m)
+    return Norm(jnp.where(big, m, one), jnp.where(big, one, jnp.zeros_like(m)))
+
+
+def _by_ord(ord: Any, fn: Callable[[float], Any]) -> Any:
+    """``fn(ord)``; for a traced ``ord``, ``lax.switch`` over 1, 2, inf (else NaN results)."""
+    if not isinstance(ord, jax.core.Tracer):
+        return fn(ord)
+    ord = jnp.asarray(ord)
+    index = jnp.where(ord == 1, 0, jnp.where(ord == 2, 1, jnp.where(jnp.isposinf(ord), 2, 3)))
+    shapes = jax.eval_shape(lambda: fn(2.0))
+    nan = lambda: jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), shapes)
+    return lax.switch(index, [lambda: fn(1.0), lambda: fn(2.0), lambda: fn(math.inf), nan])
+
+
+# ---------------------------------------------------------------------------
+# Cross-device reduction
+# ---------------------------------------------------------------------------
+
+
+def _spec_axes(spec: Any) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    if not isinstance(spec, PartitionSpec):
+        raise TypeError(
+            "`partition_specs` must hold jax.sharding.PartitionSpec leaves (or a prefix of the "
+            f"updates' tree of them); got {spec!r} of type {type(spec).__name__}."
+        )
+    axes: list[str] = []
+    for entry in spec:
+        if entry is None:
+            continue
+        for name in entry if isinstance(entry, tuple) else (entry,):
+            if name not in axes and name is not PartitionSpec.UNCONSTRAINED:
+                axes.append(name)
+    return tuple(axes)
+
+
+class Reducer:
+    """Sums or maxes per-leaf partial results, then over the mesh axes each leaf is sharded on.
+
+    Leaves sharded over the same axes are combined locally first, so there is one collective
+    per distinct axis set, never one per leaf. Without axes it is a plain local reduction.
+    """
+
+    def __init__(self, groups: list[tuple[tuple[str, ...], list[int]]]):
+        self.groups = groups
+
+    @classmethod
+    def build(cls, tree: Any, axis_name: AxisName = None, partition_specs: Any = None) -> Reducer:
+        n = len(jax.tree.leaves(tree))
+        if axis_name is not None and partition_specs is not None:
+            raise ValueError(
+                "Give `axis_name` or `partition_specs`, not both: `axis_name` says every leaf is "
+                "sharded over those axes, `partition_specs` says it leaf by leaf."
+            )
+        if partition_specs is None:
+            axes = (
+                ()
+                if axis_name is None
+                else ((axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
+            )
+            return cls([(axes, list(range(n)))])
+        is_spec = lambda s: isinstance(s, PartitionSpec) or s is None
+        try:
+            full = jax.tree.broadcast(partition_specs, tree, is_leaf=is_spec)
+        except ValueError as e:
+            raise ValueError(
+                "`partition_specs` must match the updates' tree structure or be a prefix of it "
+                f"(as passed to shard_map); {e}"
+            ) from None
+        specs = jax.tree.leaves(full, is_leaf=lambda s: isinstance(s, PartitionSpec))
+        if len(specs) != n:
+            raise ValueError(
+                f"`partition_specs` gives {len(specs)} specs for {n} array leaves; give one "
+                "PartitionSpec per leaf, P() for replicated leaves."
+            )
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, spec in enumerate(specs):
+            groups.setdefault(_spec_axes(spec), []).append(i)
+        return cls(list(groups.items()))
+
+    def _combine(self, partials: Sequence[jax.Array], local: Callable, collective: Callable):
+        out = None
+        for axes, idx in self.groups:
+            if not idx:
+                continue
+            part = local([partials[i] for i in idx])
+            if axes:
+                part = collective(part, axes)
+            out = part if out is None else local([out, part])
+        return out
+
+    def sum(self, partials: Sequence[jax.Array]) -> jax.Array:
+        return self._combine(partials, lambda xs: sum(xs[1:], xs[0]), lax.psum)
+
+    def max(self, partials: Sequence[jax.Array]) -> jax.Array:
+        return self._combine(partials, lambda xs: jnp.max(jnp.stack(xs)), lax.pmax)
+
+    def count(self, sizes: Sequence[int]) -> int | jax.Array:
+        """Total number of entries across devices (an upper bound is all that is needed)."""
+        total = 0
+        for axes, idx in self.groups:
+            size = sum(sizes[i] for i in idx)
+            total = total + (size * lax.psum(1, axes) if axes else size)
+        return total
+
+
+# ---------------------------------------------------------------------------
+# Global norm
+# ---------------------------------------------------------------------------
+
+
+def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: np.dtype) -> Norm:
+    zero = jnp.zeros((), dtype)
+    one = jnp.ones((), dtype)
+
+    def largest(xs):
+        return reducer.max([jnp.max(jnp.abs(_wide(x, dtype)), initial=zero) for x in xs])
+
+    if ord == math.inf:
+        return _from_max(largest(leaves))
+
+    def rescue(xs) -> Norm:
+        m = largest(xs)
+        ok = (m >= jnp.finfo(dtype).tiny) & jnp.isfinite(m)
+
+        def scaled() -> Norm:
+            mx = jnp.where(ok, m, one)
+            parts = []
+            for x in xs:
+                xw = _wide(x, dtype)
+                parts.append(jnp.sum(_magnitude(times_inverse(xw, mx), ord, dtype)))
+            return Norm(m, _finish(reducer.sum(parts), ord))
+
+        return lax.cond(ok, scaled, lambda: _from_max(m))
+
+    @jax.custom_jvp
+    def pair(xs):
+        s = reducer.sum([jnp.sum(_magnitude(x, ord, dtype)) for x in xs])
+        floor = _underflow_floor(reducer.count([x.size for x in xs]), dtype)
+        bad = jnp.isinf(s) | (s < floor)
+        return lax.cond(bad, lambda: rescue(xs), lambda: Norm(one, _finish(s, ord)))
+
+    @pair.defjvp
+    def pair_jvp(primals, tangents):
+        (xs,), (dxs,) = primals, tangents
+        out = pair(xs)
+        parts = [_tangent_partial(x, dx, out.m, ord, dtype, None) for x, dx in zip(xs, dxs)]
+        return out, Norm(zero, _tangent_r(reducer.sum(parts), out, ord))
+
+    return pair(leaves)
+
+
+def _tangent_partial(x, dx, m, ord, dtype, axes) -> jax.Array:
+    """sum(d|x|^ord-norm contributions): <x/m, dx> (ord 2) or <sign(x), dx> (ord 1)."""
+    if jax.dtypes.result_type(dx) == jax.dtypes.float0:
+        return jnp.zeros(m.shape, dtype)
+    xw, dxw = _wide(x, dtype), _wide(dx, dtype)
+    if ord == 2:
+        direction = times_inverse(xw, m)
+    else:
+        direction = jnp.sign(xw)
+    prod = jnp.real(jnp.conj(direction) * dxw) if jnp.iscomplexobj(xw) else direction * dxw
+    return jnp.sum(prod, axis=axes, keepdims=axes is not None)
+
+
+def _tangent_r(dvalue: jax.Array, out: Norm, ord: float) -> jax.Array:
+    """d r for d(norm) computed from direction partials (zero where the norm is 0)."""
+    if ord == 2:  # d||x|| = <x, dx>/||x|| = m <x/m, dx> / (m r)  ->  dr = <x/m, dx> / (m r)
+        ok = out.r > 0
+        return jnp.where(ok, times_inverse(dvalue / jnp.where(ok, out.r, 1), out.m), 0)
+    return times_inverse(dvalue, out.m)
+
+
+# ---------------------------------------------------------------------------
+# Norms per unit (per leaf, or per slice of a leaf)
+# ---------------------------------------------------------------------------
+
+
+def unit_pairs(
+    leaves: list[jax.Array],
+    ord: Any,
+    axes: Sequence[tuple[int, ...] | None],
+    *,
+    exact_zero: bool = False,
+) -> list[Norm]:
+    """Norms of each unit (``keepdims`` arrays); see :func:`_unit_pairs`."""
+    return _by_ord(ord, lambda o: _unit_pairs(leaves, o, axes, exact_zero=exact_zero))
+
+
+def _unit_pairs(
+    leaves: list[jax.Array],
+    ord: float,
+    axes: Sequence[tuple[int, ...] | None],
+    *,
+    exact_zero: bool = False,
+) -> list[Norm]:
+    """Norms of each unit (``keepdims`` arrays); ``axes[i]`` are the axes reduced in leaf i.
+
+    With ``exact_zero=False`` a unit whose sum is exactly 0 is taken as 0 without a rescaled
+    pass: its entries are then all below ``sqrt(tiny)`` (~1e-19 in float32), so the true norm
+    is below ``sqrt(n * tiny)`` and no clipping decision against a larger threshold changes.
+    Clippers use that; the public ``leaf_norms`` asks for ``exact_zero=True``.
+    """
+    if not leaves:
+        return []
+    dtype = accum_dtype(leaves)
+    axes = [tuple(range(jnp.ndim(x))) if a is None else a for x, a in zip(leaves, axes)]
+    zero = jnp.zeros((), dtype)
+
+    def unit_max(x, a):
+        return jnp.max(jnp.abs(_wide(x, dtype)), axis=a, keepdims=True, initial=zero)
+
+    if ord == math.inf:
+        return [_from_max(unit_max(x, a)) for x, a in zip(leaves, axes)]
+
+    def rescue(xs) -> list[Norm]:
+        out = []
+        for x, a in zip(xs, axes):
+            m = unit_max(x, a)
+            ok = (m >= jnp.finfo(dtype).tiny) & jnp.isfinite(m)
+            xw = _wide(x, dtype)
+            s = jnp.sum(
+                _magnitude(times_inverse(xw, jnp.where(ok, m, 1)), ord, dtype),
+                axis=a,
+                keepdims=True,
+            )
+            degenerate = _from_max(m)
+            out.append(
+                Norm(jnp.where(ok, m, degenerate.m), jnp.where(ok, _finish(s, ord), degenerate.r))
+            )
+        return out
+
+    @jax.custom_jvp
+    def pairs(xs):
+        sums = [jnp.sum(_magnitude(x, ord, dtype), axis=a, keepdims=True) for x, a in zip(xs, axes)]
+        bad = []
+        for x, a, s in zip(xs, axes, sums):
+            n = math.prod(x.shape[i] for i in a)
+            low = s < _underflow_floor(n, dtype)
+            if not exact_zero:
+                low = low & (s > 0)
+            bad.append(jnp.any(jnp.isinf(s) | low))
+        return lax.cond(
+            jnp.any(jnp.stack(bad)),
+            lambda: rescue(xs),
+            lambda: [Norm(jnp.ones_like(s), _finish(s, ord)) for s in sums],
+        )
+
+    @pairs.defjvp
+    def pairs_jvp(primals, tangents):
+        (xs,), (dxs,) = primals, tangents
+        out = pairs(xs)
+        dout = []
+        for x, dx, a, o in zip(xs, dxs, axes, out):
+            dvalue = _tangent_partial(x, dx, o.m, ord, dtype, a)
+            dout.append(Norm(jnp.zeros_like(o.m), _tangent_r(dvalue, o, ord)))
+        return out, dout
+
+    return pairs(list(leaves))
+
+
+def combine(units: Sequence[Norm], ord: Any) -> Norm:
+    """The norm over all units together (for ``ClipStats.norm`` of per-unit methods)."""
+    return _by_ord(ord, lambda o: _combine(units, o))
+
+
+def _combine(units: Sequence[Norm], ord: float) -> Norm:
+    flat = [(jnp.ravel(u.m), jnp.ravel(u.r)) for u in units]
+    if not flat:
+        return Norm(jnp.ones((), np.float32), jnp.zeros((), np.float32))
+    m = jnp.concatenate([a for a, _ in flat])
+    r = jnp.concatenate([b for _, b in flat])
+    vals = m * r
+    big = jnp.max(vals, initial=0)
+    if ord == math.inf:
+        return _from_max(big)
+    # When a unit's value overflowed (entries near the dtype's max), pivot on the largest m.
+    pivot = jnp.where(jnp.isinf(big) & jnp.all(jnp.isfinite(m) & jnp.isfinite(r)), jnp.max(m), big)
+    ok = (pivot >= jnp.finfo(pivot.dtype).tiny) & jnp.isfinite(pivot)
+    ratio = times_inverse(m, jnp.where(ok, pivot, 1)) * r
+    s = jnp.sum(ratio * ratio) if ord == 2 else jnp.sum(ratio)
+    degenerate = _from_max(pivot)
+    return Norm(jnp.where(ok, pivot, degenerate.m), jnp.where(ok, _finish(s, ord), degenerate.r))
+
+
+# ---------------------------------------------------------------------------
+# Clipping factors
+# ---------------------------------------------------------------------------
+
+
+def clip_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Factors ``(p, q, clipped)`` so that ``x * p * q`` has norm ``min(norm, limit)``.
+
+    Clips iff the norm is finite and strictly above ``limit``; a non-finite norm passes
+    through (a guard decides what to do with it). ``p`` is 1, or ``2**-K`` when the norm's
+    magnitude ``m`` exceeds ``2**K``, so neither factor underflows even where the true scale
+    ``limit / norm`` is below the dtype's tiny (entries near its max). No division by a
+    value that can be 0 is ever formed, so ``jax.grad`` through it stays finite.
+    """
+    m, r = norm
+    dtype = m.dtype
+    limit = jnp.maximum(jnp.asarray(limit).astype(dtype), 0)
+    k = _SPLIT_EXPONENT[np.dtype(dtype)]
+    one = jnp.ones_like(m)
+    big = m > 2.0**k
+    m_reduced = jnp.where(big, m * jnp.asarray(2.0**-k, dtype), m)  # <= 2**k: 1/m is normal
+    positive = r > 0
+    # limit / norm == p * q_all, with p = 2**-k when big, else 1
+    q_all = (limit / jnp.where(positive, r, one)) / m_reduced
+    clipped = norm.finite & positive & (q_all < jnp.where(big, 2.0**k, 1.0).astype(dtype))
+    p = jnp.where(clipped & big, jnp.asarray(2.0**-k, dtype), one)
+    q = jnp.where(clipped, q_all, one)
+    return p, q, clipped
+
+
+def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
+    """``x * p * q`` computed in float32 (float64) and cast back to ``x``'s dtype."""
+    if jnp.iscomplexobj(x):
+        wide = x.astype(np.complex128 if p.dtype == np.float64 else np.complex64)
+        return (wide * p.astype(wide.dtype) * q.astype(wide.dtype)).astype(x.dtype)
+    wide = jnp.promote_types(x.dtype, p.dtype)
+    return (x.astype(wide) * p.astype(wide) * q.astype(wide)).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Public norms
+# ---------------------------------------------------------------------------
+
+
+def global_pair(
+    tree: Any, ord: float = 2, *, axis_name: AxisName = None, partition_specs: Any = None
+) -> Norm:
+    """The global norm of ``tree`` as a pair (internal entry point for the clippers)."""
+    reducer = Reducer.build(tree, axis_name, partition_specs)
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+    dtype = accum_dtype(leaves)
+    if not leaves:
+        return Norm(jnp.ones((), dtype), jnp.zeros((), dtype))
+    return _by_ord(ord, lambda o: _global_pair(leaves, o, reducer, dtype))
+
+
+def global_norm(
+    tree: Any, ord: Any = 2, *, axis_name: AxisName = None, partition_specs: Any = None
+) -> jax.Array:
+    r"""The norm of all leaves of ``tree`` taken together, never overflowing or underflowing.
+
+    .. math::
+        \|g\|_2 = \Big(\sum_i \sum_j |g_{ij}|^2\Big)^{1/2},\quad
+        \|g\|_1 = \sum_i \sum_j |g_{ij}|,\quad \|g\|_\infty = \max_{i,j} |g_{ij}|
+
+    Accumulates in float32 (float64 when a leaf is float64); complex entries count by
+    :math:`|z|^2`; ``None``, ``optax.MaskedNode``, empty trees and 0-size leaves count as 0.
+    The ordinary path is one fused pass per leaf; only a sum that overflowed or fell below
+    ``n * tiny / eps`` runs a second, rescaled pass (``lax.cond``), so float32 entries of
+    ``1e30`` or ``1e-30`` give the right norm. A NaN entry gives NaN, an infinite one inf.
+    A norm beyond the result dtype's range is reported as inf (the clippers still clip such
+    updates correctly). ``jax.grad`` through it is finite at zero (the subgradient 0).
+
+    Args:
+      tree: a pytree of arrays.
+      ord: 2 (default), 1 or inf (``"inf"`` and ``jnp.inf`` also work).
+      axis_name: inside ``shard_map``/``pmap``, the mesh axis name (or tuple of names) that
+        every leaf is sharded over; partial sums are added over it, one collective per norm.
+      partition_specs: instead of ``axis_name``, a pytree of ``PartitionSpec`` matching
+        ``tree`` (or a prefix of it), as passed to ``shard_map``: each leaf's partial sum is
+        reduced over exactly the mesh axes its spec names (replicated leaves are not
+        double-counted).
+
+    Returns:
+      A scalar: float32, or float64 when a leaf is float64.
+
+    Raises:
+      ValueError: for an ``ord`` other than 1, 2 or inf, or both ``axis_name`` and
+        ``partition_specs``.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> oc.global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0])})
+      Array(5., dtype=float32)
+      >>> oc.global_norm([jnp.array([3e30, 4e30])])  # no overflow
+      Array(5.e+30, dtype=float32)
+      >>> oc.global_norm({"a": jnp.array([3.0, -4.0])}, ord=1)
+      Array(7., dtype=float32)
+    """
+    ord = canonical_ord(ord)
+    return global_pair(tree, ord, axis_name=axis_name, partition_specs=partition_specs).value
+
+
+def leaf_norms(tree: Any, ord: Any = 2) -> Any:
+    r"""The norm of each leaf of ``tree``, with the same robust numerics as :func:`global_norm`.
+
+    .. math::
+        \|g_i\| \text{ for every leaf } g_i
+
+    Args:
+      tree: a pytree of arrays.
+      ord: 2 (default), 1 or inf.
+
+    Returns:
+      A pytree of the same structure with a float32 (float64) scalar per leaf.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> oc.leaf_norms({"a": jnp.array([3.0, 4.0]), "b": jnp.array([1e-30, 0.0])})
+      {'a': Array(5., dtype=float32), 'b': Array(1.e-30, dtype=float32)}
+    """
+    ord = canonical_ord(ord)
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [jnp.asarray(x) for x in leaves]
+    norms = unit_pairs(leaves, ord, [None] * len(leaves), exact_zero=True)
+    dtype = accum_dtype(leaves)
+    values = [n.value.reshape(()).astype(dtype) for n in norms]
+    return jax.tree.unflatten(treedef, values)
+
+
+def resolve(value: Any, count: jax.Array, dtype: np.dtype) -> jax.Array:
+    """A threshold argument (number, array or schedule of the step count) as a ``dtype`` scalar."""
+    if callable(value):
+        value = value(count)
+    return jnp.asarray(value).astype(dtype)

@@ -1,0 +1,162 @@
+"""Unit-wise adaptive gradient clipping (AGC).
+
+Reference: Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image Recognition
+Without Normalization", ICML 2021 (NFNets).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _numerics as num
+from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
+from optaxclip._tree import check_nonnegative, leaves_with_paths
+
+
+def _unit_axes(shape: tuple[int, ...], axis: Any, path: str) -> tuple[int, ...]:
+    """The axes reduced to get one norm per unit (optax's and NFNets' convention)."""
+    ndim = len(shape)
+    if axis is not None:
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        if any(not -ndim <= a < ndim for a in axes):
+            raise ValueError(
+                f"adaptive_grad_clip: `axis={axis!r}` is out of range for the leaf "
+                f"'{path}' of shape {shape}."
+            )
+        return tuple(sorted(a % ndim for a in axes))
+    if sum(d != 1 for d in shape) <= 1:  # scalars and vectors: the whole tensor
+        return tuple(range(ndim))
+    if ndim in (2, 3):  # (in, out) linear, (in, heads, out) multi-head: one unit per column
+        return (0,)
+    if ndim in (4, 5):  # HWIO / DHWIO convolution kernels: one unit per output channel
+        return tuple(range(ndim - 1))
+    raise ValueError(
+        f"adaptive_grad_clip: cannot tell the units of the leaf '{path}' of shape {shape} "
+        f"(rank {ndim}); pass `axis=` with the axes to reduce over, for example "
+        f"axis={tuple(range(ndim - 1))}."
+    )
+
+
+@named_state("adaptive_grad_clip")
+class AdaptiveGradClipState(NamedTuple):
+    """State of :func:`adaptive_grad_clip`: O(1) scalars."""
+
+    stats: ClipStats
+
+
+def adaptive_grad_clip(
+    clipping: Any = 0.01, *, eps: Any = 1e-3, axis: Any = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""Unit-wise adaptive gradient clipping (AGC): bounds each unit's gradient by its weights.
+
+    For each unit (an output column of a linear kernel, an output channel of a conv
+    kernel, a whole vector or scalar), with :math:`W` the current parameters:
+
+    .. math::
+        G_u \leftarrow G_u \cdot \min\!\Big(1,
+        \frac{\lambda \max(\|W_u\|_F, \epsilon)}{\|G_u\|_F}\Big),
+        \qquad \lambda = \texttt{clipping}, \ \epsilon = \texttt{eps}
+
+    Units: leaves with at most one non-unit dimension are one unit; rank 2 and 3 reduce
+    over axis 0; rank 4 (HWIO) over axes (0, 1, 2); rank 5 (DHWIO) over (0, 1, 2, 3);
+    ``axis=`` overrides this for every leaf. Clips iff the gradient norm is strictly above
+    the bound, with no division guard (the reference's ``max(norm, 1e-6)`` never engages on
+    a clipped unit). Equal to ``optax.adaptive_grad_clip`` on ordinary inputs. Put it before
+    ``optax.add_decayed_weights`` to match the NFNets reference, and leave the final
+    classifier layer out of it (``optax.masked`` or :func:`per_layer`), as the paper advises.
+
+    Args:
+      clipping: :math:`\lambda \ge 0`, the largest allowed ratio of gradient norm to weight
+        norm per unit (NFNets uses 0.01).
+      eps: :math:`\epsilon \ge 0`, the floor on the weight norm, so zero-initialised weights
+        can still move.
+      axis: an int or tuple of ints: the axes to reduce over in every leaf, instead of the
+        rank-based default.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``; its
+      state holds a :class:`ClipStats` (O(1) scalars). ``clipped`` is the fraction of units
+      clipped; ``threshold`` is NaN (one bound per unit).
+
+    Raises:
+      ValueError: ``update`` called without ``params``; a leaf whose units cannot be told
+        from its rank (pass ``axis=``); ``params`` not matching the updates' structure;
+        negative ``clipping`` or ``eps``.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.adaptive_grad_clip(0.1)
+      >>> params = {"w": jnp.array([3.0, 4.0])}    # norm 5: bound 0.5
+      >>> grads = {"w": jnp.array([0.0, 1.0])}
+      >>> tx.update(grads, tx.init(params), params)[0]
+      {'w': Array([0. , 0.5], dtype=float32)}
+
+    References:
+      Brock, De, Smith & Simonyan, `High-Performance Large-Scale Image Recognition Without
+      Normalization <https://arxiv.org/abs/2102.06171>`_, ICML 2021.
+    """
+    check_nonnegative(clipping, "clipping")
+    check_nonnegative(eps, "eps")
+
+    def init_fn(params):
+        del params
+        return AdaptiveGradClipState(stats=init_stats())
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "adaptive_grad_clip needs the current parameters: call "
+                "`tx.update(updates, state, params)` (optax.chain and flax nnx.Optimizer pass "
+                "them on); got `params=None`."
+            )
+        g_paths = leaves_with_paths(updates)
+        treedef = jax.tree.structure(updates)
+        try:
+            p_leaves = treedef.flatten_up_to(params)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "adaptive_grad_clip: `params` must have the same tree structure as the updates; "
+                f"{e}"
+            ) from None
+        g_leaves = [jnp.asarray(x) for _, x in g_paths]
+        p_leaves = [jnp.asarray(x) for x in p_leaves]
+        for (path, g), p in zip(g_paths, p_leaves):
+            if jnp.shape(g) != p.shape:
+                raise ValueError(
+                    f"adaptive_grad_clip: the update at '{path}' has shape {jnp.shape(g)} but "
+                    f"its parameter has shape {p.shape}."
+                )
+        axes = [_unit_axes(jnp.shape(x), axis, path) for path, x in g_paths]
+        norms = num.unit_pairs(g_leaves + p_leaves, 2, axes + axes)
+        g_norms, p_norms = norms[: len(g_leaves)], norms[len(g_leaves) :]
+        dtype = num.accum_dtype(g_leaves + p_leaves)
+        lam = jnp.asarray(clipping).astype(dtype)
+        floor = jnp.asarray(eps).astype(dtype)
+        out, scales, n_clipped, n_units = [], [], [], 0
+        for x, g_norm, p_norm in zip(g_leaves, g_norms, p_norms):
+            limit = lam * jnp.maximum(p_norm.value, floor)
+            p, q, clipped = num.clip_factors(g_norm, limit)
+            out.append(num.scale_leaf(x, p, q))
+            scales.append(jnp.min(p * q, initial=1.0))
+            n_clipped.append(jnp.sum(clipped))
+            n_units += clipped.size
+        total = num.combine(g_norms, 2)
+        clipped_units = sum(n_clipped, jnp.zeros((), np.int32))
+        stats = next_stats(
+            state.stats,
+            norm=total.value,
+            threshold=jnp.nan,
+            scale=jnp.min(jnp.stack(scales)) if scales else 1.0,
+            clipped=clipped_units / max(n_units, 1),
+            any_clipped=clipped_units > 0,
+            nonfinite=~total.finite,
+        )
+        return jax.tree.unflatten(treedef, out), AdaptiveGradClipState(stats=stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
