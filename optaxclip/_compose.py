@@ -43,7 +43,8 @@ def per_layer(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state holds each rule's state.
-      A pattern that matches no leaf at ``init`` gives a ``UserWarning`` naming it.
+      A pattern that matches no leaf of a non-empty tree at ``init`` gives a
+      ``UserWarning`` naming it (a typo would otherwise silently clip nothing).
 
     Raises:
       TypeError: ``rules`` is not a mapping or sequence of pairs, or a value is not a
@@ -96,7 +97,7 @@ def per_layer(
             jax.tree.leaves(jax.tree_util.tree_map_with_path(lambda p, _: route(p), params))
         )
         unused = [p.pattern for i, p in enumerate(patterns) if i not in routes]
-        if unused:
+        if unused and routes:  # an empty tree matches nothing, and says nothing
             example = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0][:3]]
             warnings.warn(
                 f"per_layer: the patterns {unused} match no leaf (patterns must match the whole "

@@ -280,7 +280,9 @@ def error_if_nonfinite(
         def report(leaf_flags):
             raise FloatingPointError(_nonfinite_message(paths, [bool(f) for f in leaf_flags]))
 
-        if is_concrete(norm.m) and is_concrete(norm.r):
+        if not leaves:
+            pass
+        elif is_concrete(norm.m) and is_concrete(norm.r):
             if not bool(norm.finite):
                 report(flags())
         else:

@@ -459,7 +459,7 @@ def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
     if jnp.iscomplexobj(x):
         wide = x.astype(np.complex128 if p.dtype == np.float64 else np.complex64)
         return (wide * p.astype(wide.dtype) * q.astype(wide.dtype)).astype(x.dtype)
-    wide = jnp.promote_types(x.dtype, p.dtype)
+    wide = np.float64 if np.float64 in (x.dtype, p.dtype) else np.float32
     return (x.astype(wide) * p.astype(wide) * q.astype(wide)).astype(x.dtype)
 
 

@@ -1,0 +1,137 @@
+"""Shared test material: the tree zoo, the tolerance table and the TRANSFORMS registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optaxclip as oc
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+# Relative tolerance of an output computed in float32 and rounded once to the leaf dtype.
+RTOL = {
+    np.dtype(jnp.float32): 1e-5,
+    np.dtype(jnp.bfloat16): 1e-2,
+    np.dtype(jnp.float16): 2e-3,
+    np.dtype(np.float64): 1e-12,
+}
+
+
+def rtol(dtype) -> float:
+    return RTOL[np.dtype(dtype)]
+
+
+def tree_rtol(tree) -> float:
+    return max([rtol(x.dtype) for x in jax.tree.leaves(tree)], default=1e-5)
+
+
+def _arr(rng, shape, dtype, scale=1.0):
+    return jnp.asarray(rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def make_tree(kind: str, dtype, seed: int = 0, scale: float = 1.0):
+    """A member of the tree zoo, with standard-normal entries times ``scale``."""
+    rng = np.random.default_rng(seed)
+    a = lambda *shape: _arr(rng, shape, dtype, scale)
+    if kind == "single":
+        return a(4, 3)
+    if kind == "nested_dict":
+        return {"layer": {"kernel": a(3, 4), "bias": a(4)}, "head": {"w": a(4, 2)}}
+    if kind == "tuple_none":
+        return (a(5), None, a(2, 3))
+    if kind == "empty":
+        return {}
+    if kind == "zero_size":
+        return {"empty": a(0, 3), "w": a(3)}
+    if kind == "scalar":
+        return {"s": a(), "v": a(2)}
+    if kind == "mixed":
+        return {
+            "bf16": _arr(rng, (4, 3), jnp.bfloat16, scale),
+            "f32": _arr(rng, (3,), jnp.float32, scale),
+        }
+    if kind == "conv":
+        return {"conv2d": a(3, 3, 2, 4), "conv3d": a(2, 2, 2, 2, 3)}
+    raise ValueError(kind)
+
+
+TREES = ["single", "nested_dict", "tuple_none", "empty", "zero_size", "scalar", "mixed", "conv"]
+
+
+def params_like(tree, seed: int = 1):
+    """Parameters with the updates' structure (for AGC): normal entries, float32."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape)).astype(x.dtype), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """How the contract suite builds and drives one public transform."""
+
+    make: Callable[[], optax.GradientTransformation]  # typical arguments: clips the zoo
+    make_loose: Callable[[], optax.GradientTransformation]  # never changes a finite update
+    stats_key: str | None  # prefix of its keys in oc.stats (None: records no ClipStats)
+    needs_params: bool = False
+    threshold_arg: str | None = None  # argument name usable with inject_hyperparams
+
+
+TRANSFORMS: dict[str, Entry] = {
+    "clip_by_value": Entry(
+        lambda: oc.clip_by_value(0.5),
+        lambda: oc.clip_by_value(1e30),
+        "clip_by_value",
+        threshold_arg="max_value",
+    ),
+    "clip_by_global_norm": Entry(
+        lambda: oc.clip_by_global_norm(1.0),
+        lambda: oc.clip_by_global_norm(1e30),
+        "clip_by_global_norm",
+        threshold_arg="max_norm",
+    ),
+    "clip_by_leaf_norm": Entry(
+        lambda: oc.clip_by_leaf_norm(1.0),
+        lambda: oc.clip_by_leaf_norm(1e30),
+        "clip_by_leaf_norm",
+        threshold_arg="max_norm",
+    ),
+    "clip_by_block_rms": Entry(
+        lambda: oc.clip_by_block_rms(0.5),
+        lambda: oc.clip_by_block_rms(1e30),
+        "clip_by_block_rms",
+        threshold_arg="max_rms",
+    ),
+    "adaptive_grad_clip": Entry(
+        lambda: oc.adaptive_grad_clip(0.1),
+        lambda: oc.adaptive_grad_clip(1e30),
+        "adaptive_grad_clip",
+        needs_params=True,
+        threshold_arg="clipping",
+    ),
+    "skip_nonfinite": Entry(oc.skip_nonfinite, oc.skip_nonfinite, "skip_nonfinite"),
+    "zero_nonfinite": Entry(oc.zero_nonfinite, oc.zero_nonfinite, "zero_nonfinite"),
+    "error_if_nonfinite": Entry(oc.error_if_nonfinite, oc.error_if_nonfinite, "error_if_nonfinite"),
+    "skip_spikes": Entry(
+        lambda: oc.skip_spikes(window=4, warmup_steps=3),
+        lambda: oc.skip_spikes(window=4, sigmas=1e30, warmup_steps=3),
+        "skip_spikes",
+    ),
+    "per_layer": Entry(
+        lambda: oc.per_layer({r".*": oc.clip_by_leaf_norm(1.0)}),
+        lambda: oc.per_layer({r".*": oc.clip_by_leaf_norm(1e30)}),
+        "clip_by_leaf_norm",
+    ),
+}
+
+# Public names that are not transformation factories.
+NOT_TRANSFORMS = {"global_norm", "leaf_norms", "stats"}
+
+
+def run_update(tx, updates, state, params=None, wrap=lambda f: f, **extra):
+    """One ``tx.update`` call, optionally wrapped (jit)."""
+    return wrap(lambda u, s, p: tx.update(u, s, p, **extra))(updates, state, params)

@@ -1,0 +1,189 @@
+"""The contract every public transformation satisfies, driven by the TRANSFORMS registry."""
+
+from __future__ import annotations
+
+import inspect
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import DTYPES, TRANSFORMS, TREES, make_tree, params_like
+
+import optaxclip as oc
+
+NAMES = sorted(TRANSFORMS)
+
+
+def _step(entry, tx, updates, wrap):
+    params = params_like(updates) if entry.needs_params else None
+    state = tx.init(params if params is not None else updates)
+    return wrap(tx.update)(updates, state, params), state
+
+
+def _assert_same_structure_shapes_dtypes(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, x.dtype, y.shape, y.dtype)
+
+
+def test_registry_covers_every_public_transform():
+    factories = {
+        name
+        for name in oc.__all__
+        if inspect.isfunction(getattr(oc, name))
+        and name not in {"global_norm", "leaf_norms", "stats"}
+    }
+    assert factories == set(TRANSFORMS)
+
+
+@pytest.mark.parametrize("tree_kind", TREES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", NAMES)
+def test_update_keeps_structure_shapes_and_dtypes(name, dtype, tree_kind, maybe_jit):
+    entry = TRANSFORMS[name]
+    updates = make_tree(tree_kind, dtype)
+    (out, _), _ = _step(entry, entry.make(), updates, maybe_jit)
+    _assert_same_structure_shapes_dtypes(out, updates)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", NAMES)
+def test_state_is_arrays_with_stable_shapes_and_dtypes(name, dtype, maybe_jit):
+    entry = TRANSFORMS[name]
+    updates = make_tree("nested_dict", dtype)
+    (_, new_state), state = _step(entry, entry.make(), updates, maybe_jit)
+    for leaf in jax.tree.leaves(state):
+        assert isinstance(leaf, jax.Array), type(leaf)
+    _assert_same_structure_shapes_dtypes(new_state, state)
+    for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+        assert x.weak_type == y.weak_type
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, "huge", "max"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_output_on_extreme_inputs(name, dtype, scale):
+    entry = TRANSFORMS[name]
+    if scale == "huge":
+        scale = min(1e30, float(jnp.finfo(dtype).max) / 16)
+    if scale == "max":
+        scale = float(jnp.finfo(dtype).max) / 4  # entries up to 4 sigma reach the max
+    updates = jax.tree.map(
+        lambda x: jnp.clip(x.astype(jnp.float32), -4, 4), make_tree("nested_dict", jnp.float32)
+    )
+    updates = jax.tree.map(lambda x: (x * scale).astype(dtype), updates)
+    (out, state), _ = _step(entry, entry.make(), updates, jax.jit)
+    chex.assert_tree_all_finite(out)
+    if entry.stats_key is not None:
+        assert int(oc.stats(state)[f"{entry.stats_key}/num_nonfinite"]) == 0
+
+
+@pytest.mark.parametrize("tree_kind", ["nested_dict", "mixed", "conv", "scalar"])
+@pytest.mark.parametrize("name", NAMES)
+def test_identity_under_huge_threshold(name, tree_kind, maybe_jit):
+    entry = TRANSFORMS[name]
+    updates = make_tree(tree_kind, jnp.float32, scale=3.0)
+    (out, _), _ = _step(entry, entry.make_loose(), updates, maybe_jit)
+    chex.assert_trees_all_equal(out, updates)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_retrace_on_second_step(name):
+    entry = TRANSFORMS[name]
+    tx = entry.make()
+    updates = make_tree("nested_dict", jnp.float32)
+    params = params_like(updates) if entry.needs_params else None
+    traces = []
+
+    @jax.jit
+    def step(u, s, p):
+        traces.append(1)
+        return tx.update(u, s, p)
+
+    state = tx.init(params if params is not None else updates)
+    for _ in range(3):
+        _, state = step(updates, state, params)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stats_recorded_and_counted(name):
+    entry = TRANSFORMS[name]
+    if entry.stats_key is None:
+        pytest.skip("records no ClipStats")  # pragma: no cover (every entry records one)
+    updates = make_tree("nested_dict", jnp.float32)
+    (_, state), _ = _step(entry, entry.make(), updates, jax.jit)
+    s = oc.stats(state)
+    assert int(s[f"{entry.stats_key}/count"]) == 1
+    np.testing.assert_allclose(s[f"{entry.stats_key}/norm"], oc.global_norm(updates), rtol=1e-6)
+    for field in oc.ClipStats._fields:
+        value = s[f"{entry.stats_key}/{field}"]
+        assert value.shape == () and value.dtype in (jnp.float32, jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# Composition with optax's wrappers
+# ---------------------------------------------------------------------------
+
+
+def _run_steps(tx, entry, steps=3, dtype=jnp.float32):
+    updates = make_tree("nested_dict", dtype, scale=2.0)
+    params = params_like(updates)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for _ in range(steps):
+        out, state = step(updates, state, params)
+    _assert_same_structure_shapes_dtypes(out, updates)
+    chex.assert_tree_all_finite(out)
+    return out, state
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_composes_with_chain(name):
+    entry = TRANSFORMS[name]
+    # optax.adam raises a float to an int32 power: not strict-promotion clean.
+    with jax.numpy_dtype_promotion("standard"):
+        _, state = _run_steps(optax.chain(entry.make(), optax.adam(1e-3)), entry)
+    assert int(oc.stats(state)[f"{entry.stats_key}/count"]) == 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_composes_with_masked(name):
+    entry = TRANSFORMS[name]
+    mask = {"layer": {"kernel": True, "bias": False}, "head": {"w": True}}
+    tx = optax.masked(entry.make(), mask)
+    out, _ = _run_steps(tx, entry)
+    updates = make_tree("nested_dict", jnp.float32, scale=2.0)
+    chex.assert_trees_all_equal(out["layer"]["bias"], updates["layer"]["bias"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_composes_with_multisteps(name):
+    entry = TRANSFORMS[name]
+    # MultiSteps mixes int32 counters with Python ints; it is not strict-promotion clean.
+    with jax.numpy_dtype_promotion("standard"):
+        _, state = _run_steps(optax.MultiSteps(entry.make(), every_k_schedule=2), entry, steps=4)
+    assert int(oc.stats(state)[f"{entry.stats_key}/count"]) == 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_composes_with_apply_if_finite(name):
+    entry = TRANSFORMS[name]
+    _, state = _run_steps(optax.apply_if_finite(entry.make(), max_consecutive_errors=2), entry)
+    assert int(oc.stats(state)[f"{entry.stats_key}/count"]) == 3
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if TRANSFORMS[n].threshold_arg])
+def test_composes_with_inject_hyperparams(name):
+    entry = TRANSFORMS[name]
+    factory = getattr(oc, name)
+    tx = optax.inject_hyperparams(factory)(**{entry.threshold_arg: 0.5})
+    _, state = _run_steps(tx, entry)
+    np.testing.assert_allclose(state.hyperparams[entry.threshold_arg], 0.5)
+    s = oc.stats(state)
+    assert int(s[f"{name}/count"]) == 3
+    if name != "adaptive_grad_clip":  # AGC's threshold is per unit (NaN)
+        np.testing.assert_allclose(s[f"{name}/threshold"], 0.5)
