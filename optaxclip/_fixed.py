@@ -211,14 +211,20 @@ def clip_by_global_norm(
 
 
 def _per_leaf_update(updates, state, limit_of, ord, threshold):
-    """Clips each leaf to ``limit_of(leaf, limit_dtype)``; returns updates and new stats."""
+    """Clips each leaf to ``limit_of(leaf, dtype)``; returns the updates and the new stats."""
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
-    norms = num.unit_pairs(leaves, ord, [None] * len(leaves))
     dtype = num.accum_dtype(leaves)
+    limits = [limit_of(x, dtype) for x in leaves]
+
+    def zero_ok(sums, ord):
+        # A leaf whose sum underflowed to 0 has a norm below zero_bound: no clip can change.
+        return [lim >= num.zero_bound(x.size, ord, dtype) for x, lim in zip(leaves, limits)]
+
+    norms = num.unit_pairs(leaves, ord, [None] * len(leaves), zero_ok=zero_ok)
     out, scales, clipped = [], [], []
-    for x, norm in zip(leaves, norms):
-        p, q, c = num.clip_factors(norm, limit_of(x, dtype))
+    for x, norm, limit in zip(leaves, norms, limits):
+        p, q, c = num.clip_factors(norm, limit)
         out.append(num.scale_leaf(x, p, q))
         scales.append(jnp.min(p * q))
         clipped.append(jnp.any(c))

@@ -133,6 +133,19 @@ def times_inverse(x: jax.Array, m: jax.Array) -> jax.Array:
     return x * a * b * c
 
 
+ZeroOk = Callable[[list[jax.Array], float], list[jax.Array]]
+
+
+def zero_bound(n: int, ord: float, dtype: np.dtype) -> float:
+    """Largest norm a unit of ``n`` entries can have when its ordinary sum is exactly 0.
+
+    Squares below ``tiny`` flush to 0 (ord 2: every entry below ``sqrt(tiny)``); subnormal
+    entries read as 0 (ord 1: every entry below ``tiny``).
+    """
+    tiny = float(jnp.finfo(dtype).tiny)
+    return math.sqrt(n * tiny) if ord == 2 else n * tiny
+
+
 def _from_max(m: jax.Array) -> Norm:
     """The degenerate cases of a rescaled norm: all zero (or subnormal), inf, NaN."""
     tiny = jnp.finfo(m.dtype).tiny
@@ -322,10 +335,10 @@ def unit_pairs(
     ord: Any,
     axes: Sequence[tuple[int, ...] | None],
     *,
-    exact_zero: bool = False,
+    zero_ok: ZeroOk | None = None,
 ) -> list[Norm]:
     """Norms of each unit (``keepdims`` arrays); see :func:`_unit_pairs`."""
-    return _by_ord(ord, lambda o: _unit_pairs(leaves, o, axes, exact_zero=exact_zero))
+    return _by_ord(ord, lambda o: _unit_pairs(leaves, o, axes, zero_ok=zero_ok))
 
 
 def _unit_pairs(
@@ -333,14 +346,17 @@ def _unit_pairs(
     ord: float,
     axes: Sequence[tuple[int, ...] | None],
     *,
-    exact_zero: bool = False,
+    zero_ok: ZeroOk | None = None,
 ) -> list[Norm]:
     """Norms of each unit (``keepdims`` arrays); ``axes[i]`` are the axes reduced in leaf i.
 
-    With ``exact_zero=False`` a unit whose sum is exactly 0 is taken as 0 without a rescaled
-    pass: its entries are then all below ``sqrt(tiny)`` (~1e-19 in float32), so the true norm
-    is below ``sqrt(n * tiny)`` and no clipping decision against a larger threshold changes.
-    Clippers use that; the public ``leaf_norms`` asks for ``exact_zero=True``.
+    A unit whose ordinary sum is exactly 0 may hold entries that all flushed to zero (the
+    true norm is then below :func:`zero_bound`). By default such a unit runs the rescaled
+    pass like any underflow. A clipper passes ``zero_ok``: given the ordinary sums (and the
+    ord), it says
+    per unit where 0 can be taken as is because no clipping decision could change (the
+    unit's limit is at least the bound), so exactly-zero units (dead units, zero-initialised
+    weights) cost nothing on its path.
     """
     if not leaves:
         return []
@@ -377,10 +393,12 @@ def _unit_pairs(
         bad = []
         for x, a, s in zip(xs, axes, sums):
             n = math.prod(x.shape[i] for i in a)
-            low = s < _underflow_floor(n, dtype)
-            if not exact_zero:
-                low = low & (s > 0)
-            bad.append(jnp.any(jnp.isinf(s) | low))
+            bad.append(jnp.isinf(s) | ((s > 0) & (s < _underflow_floor(n, dtype))))
+        if zero_ok is None:
+            bad = [b | (s == 0) for b, s in zip(bad, sums)]
+        else:
+            bad = [b | ((s == 0) & ~ok) for b, s, ok in zip(bad, sums, zero_ok(sums, ord))]
+        bad = [jnp.any(b) for b in bad]
         return lax.cond(
             jnp.any(jnp.stack(bad)),
             lambda: rescue(xs),
@@ -548,7 +566,7 @@ def leaf_norms(tree: Any, ord: Any = 2) -> Any:
     ord = canonical_ord(ord)
     leaves, treedef = jax.tree.flatten(tree)
     leaves = [jnp.asarray(x) for x in leaves]
-    norms = unit_pairs(leaves, ord, [None] * len(leaves), exact_zero=True)
+    norms = unit_pairs(leaves, ord, [None] * len(leaves))
     dtype = accum_dtype(leaves)
     values = [n.value.reshape(()).astype(dtype) for n in norms]
     return jax.tree.unflatten(treedef, values)

@@ -6,6 +6,7 @@ Without Normalization", ICML 2021 (NFNets).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -133,11 +134,22 @@ def adaptive_grad_clip(
                     f"its parameter has shape {p.shape}."
                 )
         axes = [_unit_axes(jnp.shape(x), axis, path) for path, x in g_paths]
-        norms = num.unit_pairs(g_leaves + p_leaves, 2, axes + axes)
-        g_norms, p_norms = norms[: len(g_leaves)], norms[len(g_leaves) :]
+        sizes = [math.prod(x.shape[i] for i in a) for x, a in zip(g_leaves, axes)]
         dtype = num.accum_dtype(g_leaves + p_leaves)
         lam = jnp.asarray(clipping).astype(dtype)
         floor = jnp.asarray(eps).astype(dtype)
+        n = len(g_leaves)
+
+        def zero_ok(sums, ord):
+            # Units whose sum underflowed to exactly 0 skip the rescaled pass when no
+            # decision can change: a weight norm below eps, a gradient norm below its bound.
+            ok_p = [floor >= num.zero_bound(k, ord, dtype) for k in sizes]
+            limits = [lam * jnp.maximum(jnp.sqrt(s), floor) for s in sums[n:]]
+            ok_g = [lim >= num.zero_bound(k, ord, dtype) for lim, k in zip(limits, sizes)]
+            return [jnp.broadcast_to(o, s.shape) for o, s in zip(ok_g + ok_p, sums)]
+
+        norms = num.unit_pairs(g_leaves + p_leaves, 2, axes + axes, zero_ok=zero_ok)
+        g_norms, p_norms = norms[:n], norms[n:]
         out, scales, n_clipped, n_units = [], [], [], 0
         for x, g_norm, p_norm in zip(g_leaves, g_norms, p_norms):
             limit = lam * jnp.maximum(p_norm.value, floor)

@@ -1,0 +1,350 @@
+"""Fixed-threshold clippers: optax and float64 oracles, thresholds, hostile inputs, errors."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import oracle
+import pytest
+from helpers import DTYPES, make_tree, rtol
+
+import optaxclip as oc
+
+
+def _update(tx, updates, params=None, wrap=lambda f: f):
+    state = tx.init(updates if params is None else params)
+    return wrap(tx.update)(updates, state, params)
+
+
+# ---------------------------------------------------------------------------
+# Equal to optax on ordinary float32 inputs
+# ---------------------------------------------------------------------------
+
+OPTAX_PAIRS = {
+    "clip_by_global_norm": (lambda c: oc.clip_by_global_norm(c), optax.clip_by_global_norm),
+    "clip_by_block_rms": (lambda c: oc.clip_by_block_rms(c), optax.clip_by_block_rms),
+    "clip_by_value": (lambda c: oc.clip_by_value(c), optax.clip),
+}
+
+
+@pytest.mark.parametrize("threshold", [0.1, 1.0, 3.0, 100.0])
+@pytest.mark.parametrize("tree_kind", ["nested_dict", "conv", "scalar", "tuple_none"])
+@pytest.mark.parametrize("name", sorted(OPTAX_PAIRS))
+def test_equals_optax_on_ordinary_float32(name, tree_kind, threshold, maybe_jit):
+    ours, theirs = OPTAX_PAIRS[name]
+    updates = make_tree(tree_kind, jnp.float32, scale=2.0)
+    got, _ = _update(ours(threshold), updates, wrap=maybe_jit)
+    expected, _ = theirs(threshold).update(updates, optax.EmptyState())
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# clip_by_global_norm
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ord", [1, 2, math.inf])
+@pytest.mark.parametrize("threshold", [0.5, 2.0])
+def test_global_norm_clip_matches_float64_oracle(ord, threshold, maybe_jit):
+    updates = make_tree("nested_dict", jnp.float32, scale=2.0)
+    got, _ = _update(oc.clip_by_global_norm(threshold, ord=ord), updates, wrap=maybe_jit)
+    norm = oracle.global_norm(updates, ord)
+    scale = min(1.0, threshold / norm)
+    for g, u in zip(jax.tree.leaves(got), jax.tree.leaves(updates)):
+        np.testing.assert_allclose(g, np.asarray(u, np.float64) * scale, rtol=1e-6)
+    np.testing.assert_allclose(oracle.global_norm(got, ord), min(norm, threshold), rtol=1e-6)
+
+
+def test_global_norm_clip_three_four_five():
+    got, state = _update(
+        oc.clip_by_global_norm(1.0), {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+    )
+    np.testing.assert_allclose(got["a"], [0.6])
+    np.testing.assert_allclose(got["b"], [0.8])
+    s = oc.stats(state)
+    assert float(s["clip_by_global_norm/norm"]) == 5.0
+    np.testing.assert_allclose(s["clip_by_global_norm/scale"], 0.2)
+    assert float(s["clip_by_global_norm/clipped"]) == 1.0
+
+
+def test_global_norm_clip_is_identity_at_the_threshold(maybe_jit):
+    updates = {"a": jnp.array([3.0, 4.0])}
+    got, state = _update(oc.clip_by_global_norm(5.0), updates, wrap=maybe_jit)
+    chex.assert_trees_all_equal(got, updates)
+    assert int(oc.stats(state)["clip_by_global_norm/num_clipped"]) == 0
+
+
+@pytest.mark.parametrize("value", [1e20, 1e30, 1e36])
+def test_global_norm_clip_float32_huge_keeps_direction(value, maybe_jit):
+    # optax 0.2.8 returns zeros here: the sum of squares overflows.
+    got, _ = _update(
+        oc.clip_by_global_norm(1.0),
+        [jnp.array([3 * value, 4 * value], jnp.float32)],
+        wrap=maybe_jit,
+    )
+    np.testing.assert_allclose(got[0], [0.6, 0.8], rtol=1e-6)
+
+
+def test_global_norm_clip_near_float32_max_keeps_direction(maybe_jit):
+    big = float(jnp.finfo(jnp.float32).max) * 0.9
+    updates = [jnp.array([big, -big, 1.0], jnp.float32)]
+    got, state = _update(oc.clip_by_global_norm(1.0), updates, wrap=maybe_jit)
+    np.testing.assert_allclose(got[0], [2**-0.5, -(2**-0.5), 0.0], rtol=1e-6, atol=1e-30)
+    assert int(oc.stats(state)["clip_by_global_norm/num_nonfinite"]) == 0
+
+
+def test_global_norm_clip_tiny_threshold_on_tiny_gradients(maybe_jit):
+    updates = [jnp.array([3e-30, 4e-30], jnp.float32)]
+    got, _ = _update(oc.clip_by_global_norm(1e-30), updates, wrap=maybe_jit)
+    np.testing.assert_allclose(got[0], [6e-31, 8e-31], rtol=1e-6)
+
+
+def test_global_norm_clip_float16_many_ones(maybe_jit):
+    updates = [jnp.ones((100_000,), jnp.float16)]
+    got, state = _update(oc.clip_by_global_norm(1.0), updates, wrap=maybe_jit)
+    assert got[0].dtype == jnp.float16
+    np.testing.assert_allclose(oracle.global_norm(got), 1.0, rtol=rtol(jnp.float16))
+    np.testing.assert_allclose(
+        oc.stats(state)["clip_by_global_norm/norm"], math.sqrt(1e5), rtol=1e-6
+    )
+
+
+def test_global_norm_clip_bfloat16_scalar_leaves_clips_at_twenty(maybe_jit):
+    # optax 0.2.8 reports a norm of 16 for this tree and never clips at 20.
+    updates = [jnp.ones((), jnp.bfloat16) for _ in range(1000)]
+    got, state = _update(oc.clip_by_global_norm(20.0), updates, wrap=maybe_jit)
+    assert int(oc.stats(state)["clip_by_global_norm/num_clipped"]) == 1
+    np.testing.assert_allclose(oracle.global_norm(got), 20.0, rtol=rtol(jnp.bfloat16))
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_global_norm_clip_nonfinite_passes_through_and_counts(bad, maybe_jit):
+    updates = {"a": jnp.array([1.0, bad]), "b": jnp.array([100.0])}
+    got, state = _update(oc.clip_by_global_norm(1.0), updates, wrap=maybe_jit)
+    chex.assert_trees_all_equal(got, updates)
+    s = oc.stats(state)
+    assert int(s["clip_by_global_norm/num_nonfinite"]) == 1
+    assert int(s["clip_by_global_norm/num_clipped"]) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_global_norm_clip_zero_threshold(dtype, maybe_jit):
+    zeros, _ = _update(oc.clip_by_global_norm(0.0), {"a": jnp.zeros(3, dtype)}, wrap=maybe_jit)
+    chex.assert_trees_all_equal(zeros, {"a": jnp.zeros(3, dtype)})
+    ones, _ = _update(oc.clip_by_global_norm(0.0), {"a": jnp.ones(3, dtype)}, wrap=maybe_jit)
+    chex.assert_trees_all_equal(ones, {"a": jnp.zeros(3, dtype)})
+
+
+@pytest.mark.parametrize("ord", [1, 2])
+def test_global_norm_clip_complex_keeps_phase(ord):
+    updates = {"z": jnp.array([3 + 4j, 0j], jnp.complex64)}
+    got, _ = _update(oc.clip_by_global_norm(1.0, ord=ord), updates)
+    assert got["z"].dtype == jnp.complex64
+    np.testing.assert_allclose(got["z"], [0.6 + 0.8j, 0j], rtol=1e-6)
+
+
+def test_global_norm_clip_float64_under_x64():
+    with jax.enable_x64(True):
+        updates = {"a": jnp.array([3e200, 4e200]), "b": jnp.array([0.0], jnp.float32)}
+        got, state = _update(oc.clip_by_global_norm(1.0), updates)
+        assert got["a"].dtype == jnp.float64 and got["b"].dtype == jnp.float32
+        np.testing.assert_allclose(got["a"], [0.6, 0.8], rtol=1e-14)
+        assert oc.stats(state)["clip_by_global_norm/norm"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("ord", [1, 2, math.inf])
+def test_grad_through_global_norm_clip_is_finite_at_zero(ord):
+    tx = oc.clip_by_global_norm(1.0, ord=ord)
+    loss = lambda x: jnp.sum(tx.update({"x": x}, tx.init({"x": x}))[0]["x"] ** 2)
+    g = jax.grad(loss)(jnp.zeros(4))
+    assert bool(jnp.all(jnp.isfinite(g)))
+    np.testing.assert_allclose(g, 0.0)
+
+
+def test_grad_through_global_norm_clip_matches_analytic():
+    tx = oc.clip_by_global_norm(1.0)
+    # f(x) = sum(clip(x) * w); clip(x) = x / |x| when |x| > 1.
+    x = jnp.array([3.0, 4.0])
+    w = jnp.array([1.0, 2.0])
+    g = jax.grad(lambda x: jnp.sum(tx.update({"x": x}, tx.init({"x": x}))[0]["x"] * w))(x)
+    n = 5.0
+    expected = w / n - x * jnp.dot(x, w) / n**3
+    np.testing.assert_allclose(g, expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Thresholds: arrays, schedules, inject_hyperparams, bad values
+# ---------------------------------------------------------------------------
+
+
+def test_schedule_threshold_follows_the_step_count():
+    schedule = optax.linear_schedule(4.0, 1.0, transition_steps=3)
+    tx = oc.clip_by_global_norm(schedule)
+    updates = {"a": jnp.array([3.0, 4.0])}
+    state = tx.init(updates)
+    step = jax.jit(tx.update)
+    thresholds, norms = [], []
+    for _ in range(5):
+        out, state = step(updates, state)
+        thresholds.append(float(oc.stats(state)["clip_by_global_norm/threshold"]))
+        norms.append(float(oc.global_norm(out)))
+    np.testing.assert_allclose(thresholds, [4.0, 3.0, 2.0, 1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(norms, thresholds, rtol=1e-6)
+
+
+def test_array_threshold_is_accepted(maybe_jit):
+    got, _ = _update(
+        oc.clip_by_global_norm(jnp.asarray(1.0)), {"a": jnp.array([3.0, 4.0])}, wrap=maybe_jit
+    )
+    np.testing.assert_allclose(got["a"], [0.6, 0.8])
+
+
+def test_traced_ord_under_inject_hyperparams():
+    tx = optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=1.0, ord=1.0)
+    updates = {"a": jnp.array([3.0, -4.0])}
+    out, _ = jax.jit(tx.update)(updates, tx.init(updates))
+    np.testing.assert_allclose(out["a"], [3 / 7, -4 / 7], rtol=1e-6)
+
+
+def test_invalid_ord_under_inject_hyperparams_is_rejected_at_init():
+    tx = optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=1.0, ord=3.0)
+    with pytest.raises(ValueError, match=r"`ord` must be 1, 2 or inf"):
+        tx.init({"a": jnp.ones(2)})
+
+
+def test_traced_invalid_ord_gives_nan_norm_and_no_clipping():
+    tx = optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=1.0, ord=2.0)
+    updates = {"a": jnp.array([3.0, -4.0])}
+    state = tx.init(updates)
+    state.hyperparams["ord"] = jnp.asarray(3.0)  # changed after init: only a trace sees it
+    out, state = jax.jit(tx.update)(updates, state)
+    chex.assert_trees_all_equal(out, updates)
+    assert math.isnan(float(oc.stats(state)["clip_by_global_norm/norm"]))
+
+
+FACTORIES = {
+    "clip_by_value": (oc.clip_by_value, "max_value"),
+    "clip_by_global_norm": (oc.clip_by_global_norm, "max_norm"),
+    "clip_by_leaf_norm": (oc.clip_by_leaf_norm, "max_norm"),
+    "clip_by_block_rms": (oc.clip_by_block_rms, "max_rms"),
+}
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), np.float32(-2.0)])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_negative_or_nan_threshold_is_rejected(name, value):
+    factory, arg = FACTORIES[name]
+    with pytest.raises(ValueError, match=rf"`{arg}` must be >= 0 .* got"):
+        factory(value)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_non_scalar_threshold_is_rejected(name):
+    factory, arg = FACTORIES[name]
+    with pytest.raises(
+        ValueError, match=rf"`{arg}` must be a scalar; got an array of shape \(2,\)"
+    ):
+        factory(jnp.array([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("value", ["1.0", None, True])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_non_numeric_threshold_is_rejected(name, value):
+    factory, arg = FACTORIES[name]
+    with pytest.raises(
+        TypeError, match=rf"`{arg}` must be a float, a scalar array or an optax.Schedule"
+    ):
+        factory(value)
+
+
+def test_both_axis_name_and_partition_specs_is_rejected():
+    from jax.sharding import PartitionSpec as P
+
+    with pytest.raises(ValueError, match="Give `axis_name` or `partition_specs`, not both"):
+        oc.clip_by_global_norm(1.0, axis_name="x", partition_specs=P())
+
+
+def test_partition_specs_mismatch_is_rejected():
+    from jax.sharding import PartitionSpec as P
+
+    with pytest.raises(ValueError, match="`partition_specs` must match the updates' tree"):
+        oc.global_norm({"a": jnp.ones(2), "b": jnp.ones(2)}, partition_specs={"a": P(), "c": P()})
+
+
+# ---------------------------------------------------------------------------
+# clip_by_leaf_norm and clip_by_block_rms
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ord", [1, 2, math.inf])
+def test_leaf_norm_clip_matches_float64_oracle(ord, maybe_jit):
+    updates = make_tree("nested_dict", jnp.float32, scale=2.0)
+    got, state = _update(oc.clip_by_leaf_norm(1.5, ord=ord), updates, wrap=maybe_jit)
+    n_clipped = 0
+    for g, u in zip(jax.tree.leaves(got), jax.tree.leaves(updates)):
+        norm = oracle.leaf_norm(u, ord)
+        n_clipped += norm > 1.5
+        np.testing.assert_allclose(g, np.asarray(u, np.float64) * min(1.0, 1.5 / norm), rtol=1e-6)
+    s = oc.stats(state)
+    np.testing.assert_allclose(s["clip_by_leaf_norm/clipped"], n_clipped / 3)
+    np.testing.assert_allclose(
+        s["clip_by_leaf_norm/norm"], oracle.global_norm(updates, ord), rtol=1e-6
+    )
+
+
+def test_leaf_norm_clip_huge_leaf_beside_ordinary_one(maybe_jit):
+    updates = {"huge": jnp.array([3e30, 4e30]), "small": jnp.array([0.3, 0.4])}
+    got, state = _update(oc.clip_by_leaf_norm(1.0), updates, wrap=maybe_jit)
+    np.testing.assert_allclose(got["huge"], [0.6, 0.8], rtol=1e-6)
+    chex.assert_trees_all_equal(got["small"], updates["small"])
+    np.testing.assert_allclose(oc.stats(state)["clip_by_leaf_norm/clipped"], 0.5)
+
+
+def test_block_rms_three_four_five():
+    got, state = _update(oc.clip_by_block_rms(1.0), {"w": jnp.array([3.0, 4.0, 0.0, 0.0])})
+    np.testing.assert_allclose(got["w"], [1.2, 1.6, 0.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(oc.stats(state)["clip_by_block_rms/scale"], 0.4, rtol=1e-6)
+
+
+def test_block_rms_zero_size_leaf_is_untouched(maybe_jit):
+    updates = {"empty": jnp.zeros((0, 4)), "w": jnp.array([3.0, 4.0])}
+    got, _ = _update(oc.clip_by_block_rms(0.1), updates, wrap=maybe_jit)
+    assert got["empty"].shape == (0, 4)
+
+
+# ---------------------------------------------------------------------------
+# clip_by_value
+# ---------------------------------------------------------------------------
+
+
+def test_value_clip_nan_passes_and_inf_clamps(maybe_jit):
+    updates = {"a": jnp.array([jnp.nan, jnp.inf, -jnp.inf, 0.2])}
+    got, state = _update(oc.clip_by_value(0.5), updates, wrap=maybe_jit)
+    np.testing.assert_array_equal(got["a"], np.array([np.nan, 0.5, -0.5, 0.2], np.float32))
+    assert int(oc.stats(state)["clip_by_value/num_nonfinite"]) == 1
+
+
+def test_value_clip_stats_count_entries(maybe_jit):
+    updates = {"a": jnp.array([-3.0, 0.5, 4.0, 1.0]), "b": jnp.array([0.0])}
+    _, state = _update(oc.clip_by_value(1.0), updates, wrap=maybe_jit)
+    s = oc.stats(state)
+    np.testing.assert_allclose(s["clip_by_value/clipped"], 2 / 5)
+    np.testing.assert_allclose(s["clip_by_value/scale"], 0.25)
+    np.testing.assert_allclose(s["clip_by_value/norm"], math.sqrt(9 + 0.25 + 16 + 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_value_clip_never_exceeds_the_bound_in_low_precision(dtype):
+    updates = {"a": jnp.linspace(-1, 1, 101).astype(dtype)}
+    got, _ = _update(oc.clip_by_value(0.1), updates)
+    assert float(jnp.max(jnp.abs(got["a"].astype(jnp.float32)))) <= float(jnp.float32(0.1))
+
+
+def test_value_clip_complex_clips_modulus():
+    got, _ = _update(oc.clip_by_value(1.0), {"z": jnp.array([3 + 4j, 0.5j], jnp.complex64)})
+    np.testing.assert_allclose(got["z"], [0.6 + 0.8j, 0.5j], rtol=1e-6)

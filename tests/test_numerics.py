@@ -1,0 +1,229 @@
+"""The norm core: float64 oracles, hostile inputs, gradients, and the one-pass ordinary path."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import oracle
+import pytest
+from helpers import DTYPES, TREES, make_tree
+from jax.test_util import check_grads
+
+import optaxclip as oc
+
+ORDS = [1, 2, math.inf]
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("tree_kind", TREES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_global_norm_matches_float64_oracle(dtype, tree_kind, ord, maybe_jit):
+    tree = make_tree(tree_kind, dtype, scale=3.0)
+    got = maybe_jit(lambda t: oc.global_norm(t, ord))(tree)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, oracle.global_norm(tree, ord), rtol=2e-6)
+
+
+@pytest.mark.parametrize("ord", [2, "inf", jnp.inf, float("inf"), 1.0])
+def test_global_norm_accepts_ord_spellings(ord):
+    tree = {"a": jnp.array([3.0, -4.0])}
+    expected = {2: 5.0, 1.0: 7.0}.get(ord, 4.0)
+    assert float(oc.global_norm(tree, ord)) == expected
+
+
+@pytest.mark.parametrize("ord", [3, 0, -1, "fro", None, True])
+def test_global_norm_rejects_other_ords(ord):
+    with pytest.raises(ValueError, match=r"`ord` must be 1, 2 or inf .* got"):
+        oc.global_norm({"a": jnp.ones(2)}, ord)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [{}, [], None, (None, optax.MaskedNode()), {"a": jnp.zeros((0, 3))}],
+    ids=["dict", "list", "None", "masked", "zero_size"],
+)
+def test_global_norm_of_empty_trees_is_zero(tree, maybe_jit):
+    assert float(maybe_jit(oc.global_norm)(tree)) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Hostile inputs: the answers optax gets wrong
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [1e30, 3e20, 1e-30, 1e-20, 3e38])
+@pytest.mark.parametrize("ord", ORDS)
+def test_global_norm_float32_extremes_match_oracle(value, ord, maybe_jit):
+    tree = {"a": jnp.array([value, -value / 2], jnp.float32), "b": jnp.full((5,), value / 3)}
+    expected = oracle.global_norm(tree, ord)
+    got = maybe_jit(lambda t: oc.global_norm(t, ord))(tree)
+    if expected > float(jnp.finfo(jnp.float32).max):  # the value itself is out of range
+        assert got == jnp.inf
+    else:
+        np.testing.assert_allclose(got, expected, rtol=2e-6)
+
+
+def test_global_norm_partial_underflow_is_accurate(maybe_jit):
+    # 10^5 entries of 1e-20 whose squares flush to zero next to one entry of 1e-18.
+    tree = {"big": jnp.array([1e-18], jnp.float32), "small": jnp.full((100_000,), 1e-20)}
+    got = maybe_jit(oc.global_norm)(tree)
+    np.testing.assert_allclose(got, oracle.global_norm(tree), rtol=1e-6)
+
+
+def test_global_norm_float16_ones_does_not_overflow(maybe_jit):
+    tree = [jnp.ones((10**6,), jnp.float16)]
+    np.testing.assert_allclose(maybe_jit(oc.global_norm)(tree), 1000.0, rtol=1e-6)
+
+
+def test_global_norm_float16_entry_whose_square_overflows_float16(maybe_jit):
+    assert float(maybe_jit(oc.global_norm)([jnp.array([300.0], jnp.float16)])) == 300.0
+
+
+def test_global_norm_bfloat16_many_scalar_leaves_does_not_saturate(maybe_jit):
+    tree = [jnp.ones((), jnp.bfloat16) for _ in range(1000)]
+    np.testing.assert_allclose(maybe_jit(oc.global_norm)(tree), math.sqrt(1000), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"), [(jnp.nan, math.nan), (jnp.inf, math.inf), (-jnp.inf, math.inf)]
+)
+@pytest.mark.parametrize("ord", ORDS)
+def test_global_norm_propagates_nan_and_inf(bad, expected, ord, maybe_jit):
+    tree = {"a": jnp.array([1.0, bad]), "b": jnp.array([1e30])}
+    got = float(maybe_jit(lambda t: oc.global_norm(t, ord))(tree))
+    assert (math.isnan(got) and math.isnan(expected)) or got == expected
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_global_norm_complex_counts_modulus(ord, maybe_jit):
+    tree = {"z": jnp.array([3 + 4j, 0 - 12j], jnp.complex64), "r": jnp.array([5.0])}
+    np.testing.assert_allclose(
+        maybe_jit(lambda t: oc.global_norm(t, ord))(tree), oracle.global_norm(tree, ord), rtol=1e-6
+    )
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.mark.parametrize("value", [1.0, 1e200, 1e-200, 1e300])
+@pytest.mark.parametrize("ord", ORDS)
+def test_global_norm_float64_is_float64_and_exact(x64, value, ord, maybe_jit):
+    rng = np.random.default_rng(0)
+    tree = {"a": jnp.asarray(rng.standard_normal((7, 3)) * value), "b": jnp.asarray([value])}
+    got = maybe_jit(lambda t: oc.global_norm(t, ord))(tree)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, oracle.global_norm(tree, ord), rtol=1e-13)
+
+
+def test_global_norm_mixed_float64_and_float32_accumulates_in_float64(x64):
+    tree = {"a": jnp.array([1e200], jnp.float64), "b": jnp.array([1.0], jnp.float32)}
+    got = oc.global_norm(tree)
+    assert got.dtype == jnp.float64 and float(got) == 1e200
+
+
+# ---------------------------------------------------------------------------
+# leaf_norms
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("tree_kind", ["nested_dict", "tuple_none", "zero_size", "mixed", "conv"])
+def test_leaf_norms_match_oracle_and_keep_structure(tree_kind, ord, maybe_jit):
+    tree = make_tree(tree_kind, jnp.float32, scale=2.0)
+    got = maybe_jit(lambda t: oc.leaf_norms(t, ord))(tree)
+    assert jax.tree.structure(got) == jax.tree.structure(tree)
+    for norm, leaf in zip(jax.tree.leaves(got), jax.tree.leaves(tree)):
+        assert norm.shape == () and norm.dtype == jnp.float32
+        np.testing.assert_allclose(norm, oracle.leaf_norm(leaf, ord), rtol=2e-6)
+
+
+@pytest.mark.parametrize("value", [1e30, 1e-30, 0.0])
+def test_leaf_norms_extremes_match_oracle(value, maybe_jit):
+    tree = {"a": jnp.full((3,), value, jnp.float32), "b": jnp.array([1.0, 2.0])}
+    got = maybe_jit(oc.leaf_norms)(tree)
+    np.testing.assert_allclose(got["a"], oracle.leaf_norm(tree["a"]), rtol=2e-6)
+    np.testing.assert_allclose(got["b"], math.sqrt(5), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Gradients
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ord", [1, 2])
+@pytest.mark.parametrize("value", [1.0, 1e30, 1e-30])
+def test_grad_of_global_norm_is_the_unit_direction(ord, value):
+    x = jnp.array([3.0, -4.0], jnp.float32) * value
+    g = jax.grad(lambda x: oc.global_norm([x], ord))(x)
+    expected = np.array([0.6, -0.8]) if ord == 2 else np.array([1.0, -1.0])
+    np.testing.assert_allclose(g, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_grad_of_norms_is_finite_at_zero(ord):
+    zeros = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    for fn in (
+        lambda t: oc.global_norm(t, ord),
+        lambda t: sum(jax.tree.leaves(oc.leaf_norms(t, ord))),
+    ):
+        g = jax.grad(fn)(zeros)
+        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
+
+
+def test_grad_of_global_norm_matches_finite_differences():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(6), jnp.float32)
+    check_grads(lambda x: oc.global_norm([x]), (x,), order=1, modes=["fwd", "rev"], atol=1e-2)
+
+
+# ---------------------------------------------------------------------------
+# Structure of the computation: one fused pass on the ordinary path
+# ---------------------------------------------------------------------------
+
+
+def _top_level_primitives(jaxpr) -> list[str]:
+    """Primitive names of ``jaxpr``, descending into pjit/custom_jvp calls but not into cond."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        if eqn.primitive.name in ("cond", "switch"):
+            continue
+        for param in eqn.params.values():
+            sub = getattr(param, "jaxpr", None)
+            if sub is not None and hasattr(sub, "eqns"):
+                names.extend(_top_level_primitives(sub))
+            elif hasattr(param, "eqns"):
+                names.extend(_top_level_primitives(param))
+    return names
+
+
+@pytest.mark.parametrize("ord", [1, 2])
+def test_ordinary_path_is_one_reduction_per_leaf(ord):
+    tree = make_tree("nested_dict", jnp.float32)
+    names = _top_level_primitives(jax.make_jaxpr(lambda t: oc.global_norm(t, ord))(tree).jaxpr)
+    reductions = [n for n in names if n.startswith("reduce_")]
+    assert len(reductions) == len(jax.tree.leaves(tree))
+    assert names.count("cond") == 1  # the rescaled pass exists, behind lax.cond
+
+
+def test_clip_by_global_norm_ordinary_path_is_one_reduction_per_leaf():
+    tree = make_tree("nested_dict", jnp.float32)
+    tx = oc.clip_by_global_norm(1.0)
+    names = _top_level_primitives(
+        jax.make_jaxpr(lambda t, s: tx.update(t, s))(tree, tx.init(tree)).jaxpr
+    )
+    assert len([n for n in names if n.startswith("reduce_")]) == len(jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e19, 3e19, 1e20])
+def test_rescaled_and_ordinary_paths_agree_at_their_border(scale):
+    # Sums of squares just below and just above float32's overflow give the same accuracy.
+    tree = jax.tree.map(lambda x: x * scale, make_tree("nested_dict", jnp.float32))
+    np.testing.assert_allclose(oc.global_norm(tree), oracle.global_norm(tree), rtol=2e-6)

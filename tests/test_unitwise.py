@@ -1,0 +1,150 @@
+"""AGC: the optax reference, unit conventions, extreme inputs and error messages."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+
+SHAPES = [(), (5,), (1, 6), (4, 6), (3, 2, 4), (3, 3, 2, 4), (2, 2, 2, 2, 3)]
+
+
+def _tree(shapes, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {
+        f"l{i}": jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
+        for i, s in enumerate(shapes)
+    }
+
+
+def _agc(tx, grads, params, wrap=lambda f: f):
+    return wrap(tx.update)(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("clipping", [0.01, 0.1, 1.0])
+def test_equals_optax_on_ordinary_float32(clipping, maybe_jit):
+    grads, params = _tree(SHAPES, 0), _tree(SHAPES, 1, scale=0.3)
+    got, _ = _agc(oc.adaptive_grad_clip(clipping), grads, params, maybe_jit)
+    expected, _ = optax.adaptive_grad_clip(clipping).update(grads, optax.EmptyState(), params)
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("axis", [0, (0, 1), -1])
+def test_axis_override_equals_optax(axis):
+    grads, params = _tree([(4, 6), (3, 5, 2)], 0), _tree([(4, 6), (3, 5, 2)], 1, scale=0.3)
+    got, _ = _agc(oc.adaptive_grad_clip(0.05, axis=axis), grads, params)
+    expected, _ = optax.adaptive_grad_clip(0.05, axis=axis).update(
+        grads, optax.EmptyState(), params
+    )
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_three_four_five():
+    params = {"w": jnp.array([3.0, 4.0])}  # norm 5, bound 0.1 * 5 = 0.5
+    got, state = _agc(oc.adaptive_grad_clip(0.1), {"w": jnp.array([0.0, 1.0])}, params)
+    np.testing.assert_allclose(got["w"], [0.0, 0.5])
+    s = oc.stats(state)
+    np.testing.assert_allclose(s["adaptive_grad_clip/scale"], 0.5)
+    assert np.isnan(float(s["adaptive_grad_clip/threshold"]))
+
+
+def test_units_are_output_columns_of_a_linear_kernel():
+    params = {"k": jnp.ones((4, 2))}  # each column has norm 2: bound 0.2
+    grads = {"k": jnp.array([[1.0, 0.01]] * 4)}  # column norms 2 and 0.02
+    got, state = _agc(oc.adaptive_grad_clip(0.1), grads, params)
+    np.testing.assert_allclose(got["k"][:, 0], 0.1, rtol=1e-6)
+    np.testing.assert_allclose(got["k"][:, 1], 0.01)
+    np.testing.assert_allclose(oc.stats(state)["adaptive_grad_clip/clipped"], 0.5)
+
+
+def test_zero_initialised_params_use_eps():
+    params = {"b": jnp.zeros(4)}
+    grads = {"b": jnp.full((4,), 1.0)}  # norm 2; bound 0.01 * 1e-3
+    got, _ = _agc(oc.adaptive_grad_clip(0.01, eps=1e-3), grads, params)
+    np.testing.assert_allclose(oc.global_norm(got), 1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [1e30, 1e-30])
+def test_extreme_gradients_keep_direction(value, maybe_jit):
+    # Parameters of the same magnitude as the gradients: the bound is 0.01 of their norm.
+    params = {"w": jnp.ones((3, 2)) * value}
+    grads = {"w": jnp.array([[3.0, 0.0], [0.0, 0.0], [4.0, 1.0]]) * value}
+    got, _ = _agc(oc.adaptive_grad_clip(0.01, eps=0.0), grads, params, maybe_jit)
+    bound = 0.01 * np.sqrt(3.0) * value
+    col0 = np.asarray(got["w"][:, 0], np.float64)
+    np.testing.assert_allclose(col0 / np.linalg.norm(col0), [0.6, 0.0, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(col0), bound, rtol=1e-5)
+
+
+def test_bfloat16_gradients_keep_dtype_and_bound():
+    params = {"w": jnp.ones((8, 4), jnp.float32)}
+    grads = {"w": jnp.full((8, 4), 3.0, jnp.bfloat16)}
+    got, _ = _agc(oc.adaptive_grad_clip(0.1), grads, params)
+    assert got["w"].dtype == jnp.bfloat16
+    col_norms = np.linalg.norm(np.asarray(got["w"], np.float64), axis=0)
+    np.testing.assert_allclose(col_norms, 0.1 * np.sqrt(8), rtol=1e-2)
+
+
+def test_grad_through_agc_is_finite_at_zero():
+    tx = oc.adaptive_grad_clip(0.1)
+    loss = lambda g, p: jnp.sum(tx.update({"w": g}, tx.init({"w": p}), {"w": p})[0]["w"] ** 2)
+    dg, dp = jax.grad(loss, argnums=(0, 1))(jnp.zeros((3, 2)), jnp.zeros((3, 2)))
+    assert bool(jnp.all(jnp.isfinite(dg))) and bool(jnp.all(jnp.isfinite(dp)))
+
+
+def test_missing_params_is_a_clear_error():
+    tx = oc.adaptive_grad_clip(0.01)
+    grads = {"w": jnp.ones(3)}
+    with pytest.raises(
+        ValueError, match=r"adaptive_grad_clip needs the current parameters.*`params=None`"
+    ):
+        tx.update(grads, tx.init(grads))
+
+
+def test_rank_six_leaf_without_axis_names_the_leaf():
+    tx = oc.adaptive_grad_clip(0.01)
+    grads = {"block": {"w6": jnp.ones((2,) * 6)}}
+    with pytest.raises(
+        ValueError, match=r"leaf 'block/w6' of shape \(2, 2, 2, 2, 2, 2\).*pass `axis=`"
+    ):
+        tx.update(grads, tx.init(grads), grads)
+
+
+def test_axis_out_of_range_names_the_leaf():
+    tx = oc.adaptive_grad_clip(0.01, axis=3)
+    grads = {"w": jnp.ones((2, 2))}
+    with pytest.raises(
+        ValueError, match=r"`axis=3` is out of range for the leaf 'w' of shape \(2, 2\)"
+    ):
+        tx.update(grads, tx.init(grads), grads)
+
+
+def test_params_with_other_structure_is_a_clear_error():
+    tx = oc.adaptive_grad_clip(0.01)
+    grads = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    with pytest.raises(
+        ValueError, match=r"`params` must have the same tree structure as the updates"
+    ):
+        tx.update(grads, tx.init(grads), {"w": jnp.ones(2)})
+
+
+def test_params_with_other_shape_names_the_leaf():
+    tx = oc.adaptive_grad_clip(0.01)
+    grads = {"w": jnp.ones(2)}
+    with pytest.raises(
+        ValueError, match=r"update at 'w' has shape \(2,\) but its parameter has shape \(3,\)"
+    ):
+        tx.update(grads, tx.init(grads), {"w": jnp.ones(3)})
+
+
+@pytest.mark.parametrize(
+    ("arg", "kwargs"), [("clipping", {"clipping": -0.1}), ("eps", {"eps": -1.0})]
+)
+def test_negative_hyperparameters_are_rejected(arg, kwargs):
+    with pytest.raises(ValueError, match=rf"`{arg}` must be >= 0"):
+        oc.adaptive_grad_clip(**kwargs)
