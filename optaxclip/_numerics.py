@@ -221,12 +221,7 @@ class Reducer:
                 "`partition_specs` must match the updates' tree structure or be a prefix of it "
                 f"(as passed to shard_map); {e}"
             ) from None
-        specs = jax.tree.leaves(full, is_leaf=lambda s: isinstance(s, PartitionSpec))
-        if len(specs) != n:
-            raise ValueError(
-                f"`partition_specs` gives {len(specs)} specs for {n} array leaves; give one "
-                "PartitionSpec per leaf, P() for replicated leaves."
-            )
+        specs = jax.tree.structure(tree).flatten_up_to(full)  # None (replicated) kept
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, spec in enumerate(specs):
             groups.setdefault(_spec_axes(spec), []).append(i)

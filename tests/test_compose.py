@@ -86,3 +86,8 @@ def test_non_transform_rule_is_rejected():
 def test_non_mapping_rules_are_rejected():
     with pytest.raises(TypeError, match=r"`rules` must map regex strings to transformations"):
         oc.per_layer(oc.clip_by_value(1.0))
+
+
+def test_non_string_pattern_is_rejected():
+    with pytest.raises(TypeError, match=r"`rules` keys must be regex strings; got 3"):
+        oc.per_layer({3: oc.clip_by_value(1.0)})

@@ -187,3 +187,26 @@ def test_composes_with_inject_hyperparams(name):
     assert int(s[f"{name}/count"]) == 3
     if name != "adaptive_grad_clip":  # AGC's threshold is per unit (NaN)
         np.testing.assert_allclose(s[f"{name}/threshold"], 0.5)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if TRANSFORMS[n].threshold_arg])
+def test_zero_update_with_zero_threshold_stays_zero(name, maybe_jit):
+    entry = TRANSFORMS[name]
+    tx = getattr(oc, name)(0.0)
+    zeros = jax.tree.map(jnp.zeros_like, make_tree("nested_dict", jnp.float32))
+    (out, _), _ = _step(entry, tx, zeros, maybe_jit)
+    chex.assert_trees_all_equal(out, zeros)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if TRANSFORMS[n].threshold_arg])
+def test_grad_through_clipper_is_finite_at_zero_input(name):
+    entry = TRANSFORMS[name]
+    tx = entry.make()
+    zeros = jax.tree.map(jnp.zeros_like, make_tree("nested_dict", jnp.float32))
+
+    def loss(u, p):
+        out, _ = tx.update(u, tx.init(p), p if entry.needs_params else None)
+        return sum(jnp.sum(x**2) for x in jax.tree.leaves(out))
+
+    grads = jax.grad(loss, argnums=(0, 1))(zeros, zeros)
+    chex.assert_tree_all_finite(grads)

@@ -348,3 +348,15 @@ def test_value_clip_never_exceeds_the_bound_in_low_precision(dtype):
 def test_value_clip_complex_clips_modulus():
     got, _ = _update(oc.clip_by_value(1.0), {"z": jnp.array([3 + 4j, 0.5j], jnp.complex64)})
     np.testing.assert_allclose(got["z"], [0.6 + 0.8j, 0.5j], rtol=1e-6)
+
+
+def test_non_partition_spec_leaf_is_rejected():
+    with pytest.raises(
+        TypeError, match=r"`partition_specs` must hold jax.sharding.PartitionSpec leaves.*got 'x'"
+    ):
+        oc.global_norm({"a": jnp.ones(2)}, partition_specs={"a": "x"})
+
+
+def test_boolean_array_threshold_is_rejected():
+    with pytest.raises(TypeError, match=r"`max_norm` must be numeric; got an array of dtype bool"):
+        oc.clip_by_global_norm(np.array(True))
