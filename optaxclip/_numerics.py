@@ -214,8 +214,13 @@ class Reducer:
             )
             return cls([(axes, list(range(n)))])
         is_spec = lambda s: isinstance(s, PartitionSpec) or s is None
-        try:
-            full = jax.tree.broadcast(partition_specs, tree, is_leaf=is_spec)
+        try:  # each spec of the prefix, repeated over the leaves below it
+            full = jax.tree.map(
+                lambda spec, sub: jax.tree.map(lambda _: spec, sub),
+                partition_specs,
+                tree,
+                is_leaf=is_spec,
+            )
         except ValueError as e:
             raise ValueError(
                 "`partition_specs` must match the updates' tree structure or be a prefix of it "

@@ -3,9 +3,17 @@
 import jax
 import pytest
 
-# Every implicit dtype promotion is an error: transforms must cast explicitly, so a bfloat16
-# leaf never silently becomes float32 (or a float32 leaf float64) in an output or a state.
-jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+@pytest.fixture(autouse=True)
+def strict_dtype_promotion():
+    """Every implicit dtype promotion is an error inside the tests.
+
+    Transforms must cast explicitly, so a bfloat16 leaf never silently becomes float32 (or a
+    float32 leaf float64) in an output or a state. The setting is restored after each test;
+    doctests (README, docstrings) run with JAX's default, as users do.
+    """
+    with jax.numpy_dtype_promotion("strict"):
+        yield
 
 
 @pytest.fixture(params=["eager", "jit"])

@@ -135,3 +135,12 @@ NOT_TRANSFORMS = {"global_norm", "leaf_norms", "stats"}
 def run_update(tx, updates, state, params=None, wrap=lambda f: f, **extra):
     """One ``tx.update`` call, optionally wrapped (jit)."""
     return wrap(lambda u, s, p: tx.update(u, s, p, **extra))(updates, state, params)
+
+
+def enable_x64():
+    """A context manager turning on float64 (``jax.enable_x64`` in newer JAX)."""
+    if hasattr(jax, "enable_x64"):
+        return enable_x64()
+    from jax.experimental import enable_x64 as legacy  # JAX < 0.7
+
+    return legacy(True)

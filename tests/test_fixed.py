@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import oracle
 import pytest
-from helpers import DTYPES, make_tree, rtol
+from helpers import DTYPES, enable_x64, make_tree, rtol
 
 import optaxclip as oc
 
@@ -149,7 +149,7 @@ def test_global_norm_clip_complex_keeps_phase(ord):
 
 
 def test_global_norm_clip_float64_under_x64():
-    with jax.enable_x64(True):
+    with enable_x64():
         updates = {"a": jnp.array([3e200, 4e200]), "b": jnp.array([0.0], jnp.float32)}
         got, state = _update(oc.clip_by_global_norm(1.0), updates)
         assert got["a"].dtype == jnp.float64 and got["b"].dtype == jnp.float32

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import oracle
 import pytest
-from helpers import DTYPES, TREES, make_tree
+from helpers import DTYPES, TREES, enable_x64, make_tree
 from jax.test_util import check_grads
 
 import optaxclip as oc
@@ -108,7 +108,7 @@ def test_global_norm_complex_counts_modulus(ord, maybe_jit):
 
 @pytest.fixture
 def x64():
-    with jax.enable_x64(True):
+    with enable_x64():
         yield
 
 
