@@ -188,6 +188,9 @@ def _spec_axes(spec: Any) -> tuple[str, ...]:
     return tuple(axes)
 
 
+SMALL_LEAF = 4096
+
+
 class Reducer:
     """Sums or maxes per-leaf partial results, then over the mesh axes each leaf is sharded on.
 
@@ -232,6 +235,35 @@ class Reducer:
             groups.setdefault(_spec_axes(spec), []).append(i)
         return cls(list(groups.items()))
 
+    def chunks(self, leaves: Sequence[jax.Array]) -> tuple[list[jax.Array], Reducer]:
+        """The arrays to reduce, and a Reducer over them.
+
+        Leaves of at least ``SMALL_LEAF`` entries are reduced as they are; smaller ones are
+        flattened and concatenated (per dtype and per axis set), so a tree of thousands of
+        small leaves costs a few reductions to compile and run instead of thousands (on CPU
+        a reduction kernel costs more to launch than reading 4096 floats). 0-size leaves
+        contribute nothing and are left out.
+        """
+        chunks: list[jax.Array] = []
+        groups: list[tuple[tuple[str, ...], list[int]]] = []
+        for axes, idx in self.groups:
+            members: list[int] = []
+            small: dict[Any, list[jax.Array]] = {}
+            for i in idx:
+                x = leaves[i]
+                if x.size == 0:
+                    continue
+                if x.size >= SMALL_LEAF:
+                    members.append(len(chunks))
+                    chunks.append(x)
+                else:
+                    small.setdefault(x.dtype, []).append(jnp.ravel(x))
+            for flat in small.values():
+                members.append(len(chunks))
+                chunks.append(flat[0] if len(flat) == 1 else jnp.concatenate(flat))
+            groups.append((axes, members))
+        return chunks, Reducer(groups)
+
     def _combine(self, partials: Sequence[jax.Array], local: Callable, collective: Callable):
         out = None
         for axes, idx in self.groups:
@@ -267,32 +299,40 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
     zero = jnp.zeros((), dtype)
     one = jnp.ones((), dtype)
 
-    def largest(xs):
-        return reducer.max([jnp.max(jnp.abs(_wide(x, dtype)), initial=zero) for x in xs])
+    def largest(chunks, red):
+        return red.max([jnp.max(jnp.abs(_wide(c, dtype)), initial=zero) for c in chunks])
 
     if ord == math.inf:
-        return _from_max(largest(leaves))
+        chunks, red = reducer.chunks(leaves)
+        return _from_max(largest(chunks, red)) if chunks else Norm(one, zero)
 
-    def rescue(xs) -> Norm:
-        m = largest(xs)
+    def rescue(chunks, red) -> Norm:
+        m = largest(chunks, red)
         ok = (m >= jnp.finfo(dtype).tiny) & jnp.isfinite(m)
 
-        def scaled() -> Norm:
+        def scaled(chunks) -> Norm:
             mx = jnp.where(ok, m, one)
-            parts = []
-            for x in xs:
-                xw = _wide(x, dtype)
-                parts.append(jnp.sum(_magnitude(times_inverse(xw, mx), ord, dtype)))
-            return Norm(m, _finish(reducer.sum(parts), ord))
+            parts = [
+                jnp.sum(_magnitude(times_inverse(_wide(c, dtype), mx), ord, dtype)) for c in chunks
+            ]
+            return Norm(m, _finish(red.sum(parts), ord))
 
-        return lax.cond(ok, scaled, lambda: _from_max(m))
+        return lax.cond(ok, scaled, lambda chunks: _from_max(m), chunks)
 
     @jax.custom_jvp
     def pair(xs):
-        s = reducer.sum([jnp.sum(_magnitude(x, ord, dtype)) for x in xs])
-        floor = _underflow_floor(reducer.count([x.size for x in xs]), dtype)
+        chunks, red = reducer.chunks(xs)
+        if not chunks:
+            return Norm(one, zero)
+        s = red.sum([jnp.sum(_magnitude(c, ord, dtype)) for c in chunks])
+        floor = _underflow_floor(red.count([c.size for c in chunks]), dtype)
         bad = jnp.isinf(s) | (s < floor)
-        return lax.cond(bad, lambda: rescue(xs), lambda: Norm(one, _finish(s, ord)))
+        return lax.cond(
+            bad,
+            lambda chunks: rescue(chunks, red),
+            lambda chunks: Norm(one, _finish(s, ord)),
+            chunks,
+        )
 
     @pair.defjvp
     def pair_jvp(primals, tangents):
@@ -474,6 +514,10 @@ def clip_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, ja
 
 def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
     """``x * p * q`` computed in float32 (float64) and cast back to ``x``'s dtype."""
+    if x.dtype.itemsize < 4:
+        # The norm reads this leaf through its own float32 convert; without the barrier XLA
+        # (CPU) shares that convert with this one and writes a float32 copy of the leaf.
+        x = lax.optimization_barrier(x)
     if jnp.iscomplexobj(x):
         wide = x.astype(np.complex128 if p.dtype == np.float64 else np.complex64)
         return (wide * p.astype(wide.dtype) * q.astype(wide.dtype)).astype(x.dtype)

@@ -140,7 +140,7 @@ def run_update(tx, updates, state, params=None, wrap=lambda f: f, **extra):
 def enable_x64():
     """A context manager turning on float64 (``jax.enable_x64`` in newer JAX)."""
     if hasattr(jax, "enable_x64"):
-        return enable_x64()
+        return jax.enable_x64(True)
     from jax.experimental import enable_x64 as legacy  # JAX < 0.7
 
     return legacy(True)

@@ -204,22 +204,47 @@ def _top_level_primitives(jaxpr) -> list[str]:
     return names
 
 
+def _big_and_small_tree():
+    """Three leaves above SMALL_LEAF entries, and five small ones of two dtypes."""
+    big = [jnp.ones((64, 64)), jnp.ones((4096,)), jnp.ones((2, 64, 64), jnp.bfloat16)]
+    small = [
+        jnp.ones((3,)),
+        jnp.ones((8, 8)),
+        jnp.ones(()),
+        jnp.ones((5,), jnp.bfloat16),
+        jnp.ones((7,)),
+    ]
+    return {"big": big, "small": small}
+
+
+def _reductions(names):
+    return [n for n in names if n.startswith("reduce_")]
+
+
 @pytest.mark.parametrize("ord", [1, 2])
-def test_ordinary_path_is_one_reduction_per_leaf(ord):
-    tree = make_tree("nested_dict", jnp.float32)
-    names = _top_level_primitives(jax.make_jaxpr(lambda t: oc.global_norm(t, ord))(tree).jaxpr)
-    reductions = [n for n in names if n.startswith("reduce_")]
-    assert len(reductions) == len(jax.tree.leaves(tree))
-    assert names.count("cond") == 1  # the rescaled pass exists, behind lax.cond
+def test_ordinary_path_is_one_reduction_per_leaf_small_leaves_batched(ord):
+    # Each large leaf is reduced once; small leaves are concatenated per dtype and reduced
+    # once per dtype. The rescaled pass exists only behind one lax.cond.
+    names = _top_level_primitives(
+        jax.make_jaxpr(lambda t: oc.global_norm(t, ord))(_big_and_small_tree()).jaxpr
+    )
+    assert len(_reductions(names)) == 3 + 2
+    assert names.count("cond") == 1
 
 
 def test_clip_by_global_norm_ordinary_path_is_one_reduction_per_leaf():
-    tree = make_tree("nested_dict", jnp.float32)
+    tree = _big_and_small_tree()
     tx = oc.clip_by_global_norm(1.0)
     names = _top_level_primitives(
         jax.make_jaxpr(lambda t, s: tx.update(t, s))(tree, tx.init(tree)).jaxpr
     )
-    assert len([n for n in names if n.startswith("reduce_")]) == len(jax.tree.leaves(tree))
+    assert len(_reductions(names)) == 3 + 2
+
+
+def test_many_small_leaves_compile_to_few_reductions():
+    tree = [jnp.ones((16,)) for _ in range(200)]
+    names = _top_level_primitives(jax.make_jaxpr(oc.global_norm)(tree).jaxpr)
+    assert len(_reductions(names)) == 1
 
 
 @pytest.mark.parametrize("scale", [1e18, 1e19, 3e19, 1e20])
