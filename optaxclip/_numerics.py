@@ -501,15 +501,23 @@ def clip_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, ja
     limit = jnp.maximum(jnp.asarray(limit).astype(dtype), 0)
     k = _SPLIT_EXPONENT[np.dtype(dtype)]
     one = jnp.ones_like(m)
+    # Decide on the reported value m * r itself, so "norm <= limit" always means unchanged;
+    # a value that overflows (entries near the dtype's max) is above any finite limit.
+    value = m * r
+    positive = r > 0
+    above = jnp.where(jnp.isinf(value), jnp.isfinite(limit), value > limit)
+    clipped = norm.finite & positive & above
     big = m > 2.0**k
     m_reduced = jnp.where(big, m * jnp.asarray(2.0**-k, dtype), m)  # <= 2**k: 1/m is normal
-    positive = r > 0
-    # limit / norm == p * q_all, with p = 2**-k when big, else 1
-    q_all = (limit / jnp.where(positive, r, one)) / m_reduced
-    clipped = norm.finite & positive & (q_all < jnp.where(big, 2.0**k, 1.0).astype(dtype))
-    p = jnp.where(clipped & big, jnp.asarray(2.0**-k, dtype), one)
-    q = jnp.where(clipped, q_all, one)
-    return p, q, clipped
+    # limit / norm == p * q, with p = 2**-k when big, else 1
+    q = (limit / jnp.where(positive, r, one)) / m_reduced
+    p = jnp.where(big, jnp.asarray(2.0**-k, dtype), one)
+    # Keep the split only where the scale itself is subnormal: otherwise (x * p) * q would
+    # flush small entries that x * (p * q) keeps.
+    whole = p * q
+    split = whole < jnp.finfo(dtype).tiny
+    p, q = jnp.where(split, p, one), jnp.where(split, q, whole)
+    return jnp.where(clipped, p, one), jnp.where(clipped, q, one), clipped
 
 
 def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:

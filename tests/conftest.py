@@ -3,6 +3,10 @@
 import jax
 import pytest
 
+# A script run in a subprocess with 8 simulated devices (test_distributed.py); importing it
+# here (doctest collection) would configure this process's JAX instead.
+collect_ignore = ["dist_worker.py"]
+
 
 @pytest.fixture(autouse=True)
 def strict_dtype_promotion():
