@@ -1,0 +1,817 @@
+"""Benchmark ``optaxclip.clip_by_global_norm`` against optax, Adam and the memory floor.
+
+Run from the repository root::
+
+    python benchmarks/bench_clip.py                 # full run: about 4 minutes on 2 CPU cores
+    python benchmarks/bench_clip.py --quick         # smoke run: tiny trees, about 15 s
+    python benchmarks/bench_clip.py --out PATH      # JSON somewhere else
+    python benchmarks/bench_clip.py --trees transformer_f32 --reps 50   # one tree, more calls
+
+Three gradient trees are measured:
+
+* ``transformer_f32``: a ~25M-parameter transformer-like tree (12 layers of d=320, a
+  32,000-token embedding, 147 float32 leaves);
+* ``small_leaves_f32``: 2,000 small float32 leaves, alternately (64,) and (16, 16);
+* ``transformer_bf16``: the first tree cast to bfloat16.
+
+Gradients are standard normal, so a threshold of 1.0 always clips. Each contender is
+``jax.jit``-compiled once (tracing+lowering and XLA compilation are timed separately, with
+the persistent compilation cache off), warmed up, then timed round-robin with the other
+contenders of its tree (so drift in the machine's state hits all of them alike), blocking
+on every output. Nothing is donated; the optimizer state and params are arguments, never
+closed-over constants. The floors are the cheapest programs that touch every gradient
+byte: one read (a float32 sum of squares of every leaf) and one read plus one write
+(``x * s`` with a runtime scalar ``s``).
+
+Compiling over 2,000 leaves is slow on CPU (optax's chain takes about 30 s there), so
+``--no-small-tree-chains`` times only the floors and the two clippers on that tree.
+
+A clipper has to read the gradients twice (norm, then scale) and write them once, so
+an ideal unfused one costs about the read floor plus the read+write floor; fused into
+Adam, the scaling is free and the chain should cost about Adam plus the read floor.
+
+The script prints a markdown table per tree, the memory analysis of every compiled
+program (XLA's temp buffer size against the gradient bytes: a clipper that fuses into
+Adam needs no gradient-sized temporary), and writes every figure to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optaxclip as oc
+
+MAX_NORM = 1.0
+LEARNING_RATE = 1e-3
+SEED = 0
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_clip.json"
+
+# Contender names, used as table rows and JSON keys.
+FLOOR_READ = "floor: read (sum of squares)"
+FLOOR_RW = "floor: read+write (x * s)"
+OC_CLIP = "optaxclip.clip_by_global_norm"
+OX_CLIP = "optax.clip_by_global_norm"
+ADAM = "optax.adam"
+OC_CHAIN = "chain(optaxclip clip, adam)"
+OX_CHAIN = "chain(optax clip, adam)"
+
+# Each optaxclip contender and the optax program computing the same thing.
+OPTAX_EQUIVALENT = {OC_CLIP: OX_CLIP, OC_CHAIN: OX_CHAIN}
+CHAINS = (OC_CHAIN, OX_CHAIN)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Tree sizes and repetition counts of one run."""
+
+    d_model: int
+    layers: int
+    vocab: int
+    small_leaves: int
+    reps: int
+    warmup: int
+
+
+FULL = Sizes(d_model=320, layers=12, vocab=32_000, small_leaves=2_000, reps=30, warmup=3)
+QUICK = Sizes(d_model=32, layers=1, vocab=256, small_leaves=16, reps=5, warmup=1)
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """A gradient tree to benchmark: leaf shapes, dtype, and whether to time the chains."""
+
+    key: str
+    title: str
+    shapes: dict[str, tuple[int, ...]]
+    dtype: Any
+    with_chains: bool
+
+
+def transformer_shapes(d: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Leaf shapes of a GPT-like model: embedding, ``layers`` blocks, final layer norm.
+
+    Each block has 12 leaves (qkv, attention output and two MLP matrices with their biases,
+    two layer norms with scale and bias), so the tree has ``12 * layers + 3`` leaves.
+    """
+    shapes: dict[str, tuple[int, ...]] = {"embed": (vocab, d)}
+    for i in range(layers):
+        block = {
+            "attn/qkv/w": (d, 3 * d),
+            "attn/qkv/b": (3 * d,),
+            "attn/out/w": (d, d),
+            "attn/out/b": (d,),
+            "mlp/up/w": (d, 4 * d),
+            "mlp/up/b": (4 * d,),
+            "mlp/down/w": (4 * d, d),
+            "mlp/down/b": (d,),
+            "ln1/scale": (d,),
+            "ln1/bias": (d,),
+            "ln2/scale": (d,),
+            "ln2/bias": (d,),
+        }
+        shapes.update({f"layer{i:02d}/{name}": shape for name, shape in block.items()})
+    shapes["final_ln/scale"] = (d,)
+    shapes["final_ln/bias"] = (d,)
+    return shapes
+
+
+def small_leaf_shapes(n: int) -> dict[str, tuple[int, ...]]:
+    """``n`` small leaves, alternately (64,) and (16, 16)."""
+    return {f"leaf{i:04d}": (64,) if i % 2 == 0 else (16, 16) for i in range(n)}
+
+
+TREE_KEYS = ("transformer_f32", "small_leaves_f32", "transformer_bf16")
+
+
+def tree_specs(sizes: Sizes, small_tree_chains: bool) -> list[TreeSpec]:
+    """The three trees of the benchmark, in the order they are run and printed."""
+    big = transformer_shapes(sizes.d_model, sizes.layers, sizes.vocab)
+    big_title = f"transformer-like, layers={sizes.layers}, d={sizes.d_model}, vocab={sizes.vocab}"
+    specs = [
+        TreeSpec("transformer_f32", big_title + ", float32", big, jnp.float32, True),
+        TreeSpec(
+            "small_leaves_f32",
+            f"{sizes.small_leaves} small leaves ((64,) and (16, 16)), float32",
+            small_leaf_shapes(sizes.small_leaves),
+            jnp.float32,
+            small_tree_chains,
+        ),
+        TreeSpec("transformer_bf16", big_title + ", bfloat16", big, jnp.bfloat16, True),
+    ]
+    assert tuple(s.key for s in specs) == TREE_KEYS
+    return specs
+
+
+def random_tree(shapes: dict[str, tuple[int, ...]], dtype: Any, seed: int) -> dict[str, jax.Array]:
+    """Standard-normal leaves, drawn in float32 then cast (same values for every dtype)."""
+    rng = np.random.default_rng(seed)
+    tree = {
+        name: jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+        for name, shape in shapes.items()
+    }
+    return jax.block_until_ready(tree)
+
+
+# ---------------------------------------------------------------------------
+# Contenders
+# ---------------------------------------------------------------------------
+
+
+def floor_read(grads: Any) -> jax.Array:
+    """One read pass over every gradient byte: the float32 sum of squares of all leaves."""
+    leaves = jax.tree.leaves(grads)
+    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
+
+
+def floor_read_write(grads: Any, s: jax.Array) -> Any:
+    """One read and one write pass: every leaf times a runtime scalar, in its own dtype."""
+    return jax.tree.map(lambda x: (x.astype(jnp.float32) * s).astype(x.dtype), grads)
+
+
+@dataclass
+class Contender:
+    """A function to jit and the arguments to call it with."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+def transform_contender(name: str, tx: optax.GradientTransformation, grads, params) -> Contender:
+    """``tx.update(grads, state, params)`` with a freshly initialised state as an argument."""
+    return Contender(name, tx.update, (grads, tx.init(params), params))
+
+
+def make_contenders(grads: Any, params: Any, with_chains: bool) -> list[Contender]:
+    """The floors and clippers, plus Adam and both chains when ``with_chains``."""
+    contenders = [
+        Contender(FLOOR_READ, floor_read, (grads,)),
+        Contender(FLOOR_RW, floor_read_write, (grads, jnp.float32(0.5))),
+        transform_contender(OC_CLIP, oc.clip_by_global_norm(MAX_NORM), grads, params),
+        transform_contender(OX_CLIP, optax.clip_by_global_norm(MAX_NORM), grads, params),
+    ]
+    if with_chains:
+        adam = lambda: optax.adam(LEARNING_RATE)
+        chains = {
+            ADAM: adam(),
+            OC_CHAIN: optax.chain(oc.clip_by_global_norm(MAX_NORM), adam()),
+            OX_CHAIN: optax.chain(optax.clip_by_global_norm(MAX_NORM), adam()),
+        }
+        contenders += [transform_contender(n, tx, grads, params) for n, tx in chains.items()]
+    return contenders
+
+
+# ---------------------------------------------------------------------------
+# Compiling, inspecting, timing
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Compiled:
+    """A contender compiled, with how long that took."""
+
+    contender: Contender
+    executable: Any
+    lower_s: float
+    compile_s: float
+
+    def call(self) -> Any:
+        return self.executable(*self.contender.args)
+
+
+def compile_contender(contender: Contender) -> Compiled:
+    """Traces and lowers, then compiles with XLA; times both steps."""
+    t0 = time.perf_counter()
+    lowered = jax.jit(contender.fn).lower(*contender.args)
+    t1 = time.perf_counter()
+    executable = lowered.compile()
+    t2 = time.perf_counter()
+    return Compiled(contender, executable, t1 - t0, t2 - t1)
+
+
+# Entry instructions that run no kernel and write no data.
+_TRIVIAL_OPS = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast"})
+_ARRAY_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+_DTYPE_BYTES.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8})
+
+
+def _matching_paren(text: str) -> int:
+    """The index of the parenthesis closing the one that opens ``text``."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return i
+    raise ValueError(f"unbalanced parentheses in {text[:80]!r}")
+
+
+def _shape_and_opcode(rhs: str) -> tuple[str, str]:
+    """Splits the text after ``=`` of an HLO instruction into its shape and its opcode."""
+    rhs = rhs.lstrip()
+    if rhs.startswith("("):  # a tuple shape
+        end = _matching_paren(rhs) + 1
+        shape, rest = rhs[:end], rhs[end:]
+    else:
+        shape, _, rest = rhs.partition(" ")
+    return shape, rest.lstrip().split("(", 1)[0]
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of every array in an HLO shape (a tuple's elements added up)."""
+    total = 0
+    for dtype, dims in _ARRAY_SHAPE.findall(shape):
+        total += _DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def entry_ops(hlo_text: str) -> tuple[dict[str, int], int]:
+    """Opcode counts of the compiled module's entry computation, and the bytes its
+    kernels write (every non-trivial instruction's output, whichever buffer it lands in).
+    """
+    counts: Counter[str] = Counter()
+    written = 0
+    in_entry = False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY "):
+            in_entry = True
+        elif in_entry and line.startswith("}"):
+            break
+        elif in_entry and " = " in line:
+            shape, op = _shape_and_opcode(line.split(" = ", 1)[1])
+            counts[op] += 1
+            if op not in _TRIVIAL_OPS:
+                written += _shape_bytes(shape)
+    return dict(counts.most_common()), written
+
+
+def inspect_compiled(compiled: Compiled, grad_bytes: int, largest_leaf: int) -> dict[str, Any]:
+    """XLA's memory analysis and the entry computation's ops, relative to the gradients."""
+    info: dict[str, Any] = {}
+    analysis = compiled.executable.memory_analysis()
+    if analysis is not None:
+        temp = int(analysis.temp_size_in_bytes)
+        info.update(
+            temp_bytes=temp,
+            argument_bytes=int(analysis.argument_size_in_bytes),
+            output_bytes=int(analysis.output_size_in_bytes),
+            alias_bytes=int(analysis.alias_size_in_bytes),
+            temp_over_grad=temp / grad_bytes,
+            temp_over_largest_leaf=temp / largest_leaf,
+            output_over_grad=int(analysis.output_size_in_bytes) / grad_bytes,
+        )
+    ops, written = entry_ops(compiled.executable.as_text())
+    info["entry_ops"] = ops
+    info["entry_kernels"] = sum(n for op, n in ops.items() if op not in _TRIVIAL_OPS)
+    info["kernel_written_bytes"] = written
+    info["kernel_written_over_grad"] = written / grad_bytes
+    return info
+
+
+def time_round_robin(compiled: Sequence[Compiled], reps: int, warmup: int) -> dict[str, list]:
+    """Seconds per call of each program, interleaved: rep 1 of all, then rep 2 of all, ..."""
+    for _ in range(warmup):
+        for c in compiled:
+            jax.block_until_ready(c.call())
+    times: dict[str, list[float]] = {c.contender.name: [] for c in compiled}
+    for _ in range(reps):
+        for c in compiled:
+            t0 = time.perf_counter()
+            out = c.call()
+            jax.block_until_ready(out)
+            times[c.contender.name].append(time.perf_counter() - t0)
+            del out
+    return times
+
+
+def summarize(seconds: Sequence[float]) -> dict[str, Any]:
+    """Median, quartiles, IQR, min and mean in milliseconds, and the raw samples."""
+    ms = np.asarray(seconds) * 1e3
+    q25, median, q75 = np.percentile(ms, [25, 50, 75])
+    return {
+        "median_ms": float(median),
+        "q25_ms": float(q25),
+        "q75_ms": float(q75),
+        "iqr_ms": float(q75 - q25),
+        "min_ms": float(ms.min()),
+        "mean_ms": float(ms.mean()),
+        "samples_ms": [round(float(v), 4) for v in ms],
+    }
+
+
+def references(name: str) -> dict[str, str]:
+    """What a contender is compared with: its optax equivalent, Adam alone, the floors."""
+    refs = {"vs_floor_read": FLOOR_READ, "vs_floor_rw": FLOOR_RW}
+    if name in OPTAX_EQUIVALENT:
+        refs["vs_optax"] = OPTAX_EQUIVALENT[name]
+    if name in CHAINS:
+        refs["vs_adam"] = ADAM
+    return refs
+
+
+def add_ratios(results: dict[str, dict[str, Any]], times: dict[str, list[float]]) -> None:
+    """Ratios of medians to each reference, and paired ratios.
+
+    A paired ratio divides each round's time by the reference's time in the same round
+    (the two calls ran back to back), so slow drift in the machine's load cancels; its
+    median and quartiles say whether a difference is larger than the noise.
+    """
+    for name, r in results.items():
+        refs = {k: ref for k, ref in references(name).items() if ref in results}
+        r["ratios"] = {k: r["median_ms"] / results[ref]["median_ms"] for k, ref in refs.items()}
+        r["paired_ratios"] = {}
+        for k, ref in refs.items():
+            per_round = np.asarray(times[name]) / np.asarray(times[ref])
+            q25, median, q75 = np.percentile(per_round, [25, 50, 75])
+            r["paired_ratios"][k] = {"median": float(median), "q25": float(q25), "q75": float(q75)}
+
+
+def max_relative_difference(a: Any, b: Any) -> float:
+    """max |a - b| / max |b| over all leaves, in float32 (a sanity check, not a metric)."""
+    diff = max(
+        float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+    scale = max(float(jnp.max(jnp.abs(y.astype(jnp.float32)))) for y in jax.tree.leaves(b))
+    return diff / scale if scale else diff
+
+
+def bench_tree(spec: TreeSpec, sizes: Sizes) -> dict[str, Any]:
+    """Builds the tree, compiles and times every contender, and inspects the programs."""
+    grads = random_tree(spec.shapes, spec.dtype, SEED)
+    params = jax.tree.map(jnp.zeros_like, grads)
+    leaves = jax.tree.leaves(grads)
+    grad_bytes = sum(x.nbytes for x in leaves)
+    largest_leaf = max(x.nbytes for x in leaves)
+
+    compiled = []
+    for contender in make_contenders(grads, params, spec.with_chains):
+        c = compile_contender(contender)
+        print(
+            f"  compiled {contender.name}: trace+lower {c.lower_s:.2f} s, "
+            f"compile {c.compile_s:.2f} s",
+            flush=True,
+        )
+        compiled.append(c)
+    by_name = {c.contender.name: c for c in compiled}
+
+    norm = math.sqrt(float(by_name[FLOOR_READ].call()))
+    if not norm > MAX_NORM:
+        raise RuntimeError(f"{spec.key}: global norm {norm} does not exceed {MAX_NORM}")
+    clip_diff = max_relative_difference(by_name[OC_CLIP].call()[0], by_name[OX_CLIP].call()[0])
+
+    times = time_round_robin(compiled, sizes.reps, sizes.warmup)
+    results = {}
+    for c in compiled:
+        name = c.contender.name
+        results[name] = {
+            **summarize(times[name]),
+            "lower_s": c.lower_s,
+            "compile_s": c.compile_s,
+            **inspect_compiled(c, grad_bytes, largest_leaf),
+        }
+    add_ratios(results, times)
+    skipped = [] if spec.with_chains else [ADAM, OC_CHAIN, OX_CHAIN]
+    return {
+        "title": spec.title,
+        "dtype": str(jnp.dtype(spec.dtype)),
+        "leaves": len(leaves),
+        "params": sum(x.size for x in leaves),
+        "grad_bytes": grad_bytes,
+        "largest_leaf_bytes": largest_leaf,
+        "global_norm": norm,
+        "max_norm": MAX_NORM,
+        "clip_max_rel_diff_vs_optax": clip_diff,
+        "reps": sizes.reps,
+        "warmup": sizes.warmup,
+        "skipped": skipped,
+        "contenders": results,
+        "temp_check": temp_check(results, grad_bytes, largest_leaf),
+    }
+
+
+def temp_check(results: dict[str, Any], grad_bytes: int, largest_leaf: int) -> dict[str, Any]:
+    """Which programs hold a gradient-sized (or leaf-sized) temporary buffer?
+
+    "Gradient-sized" means at least half the gradient bytes (say, a materialised clipped
+    copy of the gradients); "leaf-sized" means at least the largest leaf. The question is
+    asked of our chain(clip, adam); optax's chain and Adam alone are the references.
+
+    XLA may place an intermediate in an output buffer before the output is written there,
+    so a small temp size does not prove that nothing gradient-sized was materialised; the
+    bytes written by the kernels, beyond Adam's own, do.
+    """
+    names = [n for n in (OC_CHAIN, OX_CHAIN, ADAM, OC_CLIP, OX_CLIP) if n in results]
+    if OC_CHAIN not in names or "temp_bytes" not in results[OC_CHAIN]:
+        return {}
+    temp = {name: results[name]["temp_bytes"] for name in names}
+    return {
+        "temp_bytes": temp,
+        "gradient_sized": {name: t >= grad_bytes / 2 for name, t in temp.items()},
+        "leaf_sized": {name: t >= largest_leaf for name, t in temp.items()},
+        "ours_extra_temp_vs_adam_bytes": temp[OC_CHAIN] - temp[ADAM],
+        "extra_kernel_writes_vs_adam_over_grad": {
+            name: (results[name]["kernel_written_bytes"] - results[ADAM]["kernel_written_bytes"])
+            / grad_bytes
+            for name in CHAINS
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """Processor, core count, library versions and the JAX device."""
+    device = jax.devices()[0]
+    return {
+        "processor": platform.processor() or _cpu_model_name(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "optax": optax.__version__,
+        "optaxclip": oc.__version__,
+        "numpy": np.__version__,
+        "backend": jax.default_backend(),
+        "device": str(device),
+        "device_kind": device.device_kind,
+    }
+
+
+def _cpu_model_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), where ``platform.processor()`` is empty."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table with right-aligned numeric columns (all but the first)."""
+    align = ["---"] + ["---:"] * (len(headers) - 1)
+    lines = [headers, align, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def _ms(x: float) -> str:
+    return f"{x:.2f}" if x >= 10 else f"{x:.3f}"
+
+
+def _ratio(ratios: dict[str, float], key: str) -> str:
+    return f"{ratios[key]:.2f}" if key in ratios else "—"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _paired(paired: dict[str, dict[str, float]], key: str) -> str:
+    if key not in paired:
+        return "—"
+    p = paired[key]
+    return f"{p['median']:.2f} ({p['q25']:.2f}–{p['q75']:.2f})"
+
+
+def timing_table(results: dict[str, Any]) -> str:
+    """Times, ratios of medians (paired ratio to optax with its IQR too) and compile times."""
+    headers = [
+        "contender",
+        "median ms",
+        "IQR ms",
+        "× optax",
+        "× optax paired (IQR)",
+        "× adam",
+        "× read floor",
+        "× r+w floor",
+        "trace+lower s",
+        "compile s",
+    ]
+    rows = [
+        [
+            name,
+            _ms(r["median_ms"]),
+            _ms(r["iqr_ms"]),
+            _ratio(r["ratios"], "vs_optax"),
+            _paired(r["paired_ratios"], "vs_optax"),
+            _ratio(r["ratios"], "vs_adam"),
+            _ratio(r["ratios"], "vs_floor_read"),
+            _ratio(r["ratios"], "vs_floor_rw"),
+            f"{r['lower_s']:.2f}",
+            f"{r['compile_s']:.2f}",
+        ]
+        for name, r in results.items()
+    ]
+    return markdown_table(headers, rows)
+
+
+def memory_table(results: dict[str, Any]) -> str:
+    """XLA's temp and output sizes, and what the entry computation's kernels write."""
+    headers = [
+        "program",
+        "temp",
+        "temp / grad bytes",
+        "temp / largest leaf",
+        "output / grad bytes",
+        "kernel writes / grad bytes",
+        "entry kernels",
+    ]
+    rows = [
+        [
+            name,
+            _bytes(r.get("temp_bytes", math.nan)),
+            f"{r.get('temp_over_grad', math.nan):.4f}",
+            f"{r.get('temp_over_largest_leaf', math.nan):.3f}",
+            f"{r.get('output_over_grad', math.nan):.2f}",
+            f"{r['kernel_written_over_grad']:.2f}",
+            str(r["entry_kernels"]),
+        ]
+        for name, r in results.items()
+    ]
+    return markdown_table(headers, rows)
+
+
+def report_tree(tree: dict[str, Any]) -> str:
+    """The markdown section of one tree: header, timing table, memory table, findings."""
+    lines = [
+        f"leaves: {tree['leaves']:,}; parameters: {tree['params']:,}; "
+        f"gradient bytes: {_bytes(tree['grad_bytes'])}; largest leaf: "
+        f"{_bytes(tree['largest_leaf_bytes'])}",
+        f"global norm {tree['global_norm']:.1f} > max_norm {tree['max_norm']} (every step "
+        f"clips); optaxclip vs optax clipped updates: max rel. diff "
+        f"{tree['clip_max_rel_diff_vs_optax']:.2e}",
+        f"timing: median and IQR over {tree['reps']} calls per program (after "
+        f"{tree['warmup']} warm-up), round-robin; ratios are of medians",
+        "",
+        timing_table(tree["contenders"]),
+        "",
+    ]
+    if tree["skipped"]:
+        lines += [
+            "Not timed on this tree: " + ", ".join(tree["skipped"]) + " (--no-small-tree-chains).",
+            "",
+        ]
+    lines += ["XLA memory analysis of each compiled program:", "", memory_table(tree["contenders"])]
+    if tree["temp_check"]:
+        lines += ["", temp_verdict(tree["temp_check"], tree["grad_bytes"])]
+    return "\n".join(lines)
+
+
+def temp_verdict(check: dict[str, Any], grad_bytes: int) -> str:
+    """One sentence: does our chain hold a gradient-sized temporary, and do the references?"""
+    temp = check["temp_bytes"]
+    extra = check["extra_kernel_writes_vs_adam_over_grad"]
+    yes_no = lambda name: "yes" if check["gradient_sized"][name] else "no"
+    if check["gradient_sized"][OC_CHAIN]:
+        same = temp[OC_CHAIN] <= 1.01 * temp[OX_CHAIN]
+        ours = "**yes**" + (", no larger than optax's chain's" if same else "")
+    elif check["leaf_sized"][OC_CHAIN]:
+        ours = "**no**, but one at least as large as the largest leaf"
+    else:
+        ours = "**no**, not even one as large as the largest leaf"
+    of_grads = lambda name: f"{_bytes(temp[name])} = {temp[name] / grad_bytes:.4f} × gradient bytes"
+    return (
+        f"Gradient-sized temporary in {OC_CHAIN}: {ours}: temp "
+        f"{of_grads(OC_CHAIN)}; {OX_CHAIN}: {yes_no(OX_CHAIN)}, {of_grads(OX_CHAIN)}; "
+        f"{ADAM} alone: {of_grads(ADAM)}; ours minus adam alone: "
+        f"{_bytes(check['ours_extra_temp_vs_adam_bytes'])}. Kernel writes beyond adam "
+        f"alone's: ours {extra[OC_CHAIN]:.2f} × gradient bytes, optax's chain "
+        f"{extra[OX_CHAIN]:.2f} × (about 1.0 is a materialised clipped copy of the "
+        f"gradients, wherever XLA puts it)."
+    )
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (other work on the machine skews the timings)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+LEGEND = f"""
+Threshold {MAX_NORM} on standard-normal gradients: every call clips. Floors: one read of
+every gradient byte (float32 sum of squares) and one read + one write (x * s). A clipper
+reads twice and writes once (ideal: read floor + r+w floor); in a chain the scaling can
+fuse into Adam (ideal: adam + read floor). "× optax paired" is the median of per-round
+ratios (calls run back to back), robust to drift in the machine's load."""
+
+
+def report_machine(machine: dict[str, Any]) -> str:
+    return (
+        f"machine: {machine['processor']} ({machine['machine']}), {machine['cpu_count']} CPUs "
+        f"({machine['usable_cpus']} usable), {machine['platform']}\n"
+        f"jax {machine['jax']} (jaxlib {machine['jaxlib']}), optax {machine['optax']}, "
+        f"optaxclip {machine['optaxclip']}, numpy {machine['numpy']}, python "
+        f"{machine['python']}; device: {machine['device']} ({machine['backend']}, "
+        f"{machine['device_kind']}); load average at start: {machine['load_average_start']}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parses and checks the options; exits with status 2 and a message on bad ones."""
+    parser = argparse.ArgumentParser(
+        description="Time optaxclip.clip_by_global_norm against optax, adam and the "
+        "memory floor on three gradient trees; print markdown tables and write JSON.",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON output path (default: {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small trees and few repetitions: a smoke run of a few seconds",
+    )
+    parser.add_argument(
+        "--reps",
+        type=_positive_int,
+        default=None,
+        help=f"timed calls per program (default {FULL.reps}, {QUICK.reps} with --quick)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=None,
+        help=f"untimed calls per program first (default {FULL.warmup}, "
+        f"{QUICK.warmup} with --quick)",
+    )
+    parser.add_argument(
+        "--trees",
+        nargs="+",
+        choices=TREE_KEYS,
+        default=list(TREE_KEYS),
+        metavar="TREE",
+        help=f"the trees to run, among {', '.join(TREE_KEYS)} (default: all)",
+    )
+    parser.add_argument(
+        "--small-tree-chains",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time adam and both chains on the small-leaf tree too (default; about a minute "
+        "of compilation on CPU)",
+    )
+    args = parser.parse_args(argv)
+    if args.out.exists() and args.out.is_dir():
+        parser.error(f"--out {args.out} is a directory; give a file path")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out: cannot create directory {args.out.parent}: {e}")
+    if not os.access(args.out.parent, os.W_OK):
+        parser.error(f"--out: directory {args.out.parent} is not writable")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    start = time.perf_counter()
+    args = parse_args(argv)
+    base = QUICK if args.quick else FULL
+    sizes = replace(
+        base,
+        reps=base.reps if args.reps is None else args.reps,
+        warmup=base.warmup if args.warmup is None else args.warmup,
+    )
+    # Compile times must be real compilations, not persistent-cache hits.
+    jax.config.update("jax_enable_compilation_cache", False)
+
+    machine = {**machine_info(), "load_average_start": load_average()}
+    print("# optaxclip.clip_by_global_norm benchmark" + (" (--quick)" if args.quick else ""))
+    print()
+    print(report_machine(machine))
+    print(LEGEND)
+    trees = {}
+    for spec in tree_specs(sizes, args.small_tree_chains):
+        if spec.key not in args.trees:
+            continue
+        print(f"\n## {spec.key}: {spec.title}\n", flush=True)
+        trees[spec.key] = bench_tree(spec, sizes)
+        print()
+        print(report_tree(trees[spec.key]), flush=True)
+
+    wall = time.perf_counter() - start
+    record = {
+        "benchmark": "bench_clip",
+        "quick": args.quick,
+        "small_tree_chains": args.small_tree_chains,
+        "sizes": asdict(sizes),
+        "max_norm": MAX_NORM,
+        "learning_rate": LEARNING_RATE,
+        "seed": SEED,
+        "machine": machine,
+        "trees": trees,
+        "wall_s": wall,
+        "load_average_end": load_average(),
+    }
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\ntotal wall time: {wall:.1f} s; load average at end: {record['load_average_end']}")
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
