@@ -86,6 +86,11 @@ def check_threshold(value: Any, name: str, *, allow_zero: bool = True) -> None:
 
 
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"`{name}` must be a Python int (it fixes the size of the state), not an array; "
+            f"under optax.inject_hyperparams list it in `static_args=('{name}',)`."
+        )
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
         raise TypeError(
             f"`{name}` must be a Python int >= {minimum} (it fixes the size of the state); "

@@ -293,3 +293,22 @@ def test_skip_spikes_threshold_stat_is_mean_plus_sigmas_std():
 def test_skip_spikes_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         oc.skip_spikes(**kwargs)
+
+
+def test_skip_spikes_under_inject_hyperparams_needs_static_window():
+    tx = optax.inject_hyperparams(oc.skip_spikes)(sigmas=3.0)
+    with pytest.raises(
+        TypeError, match=r"under optax.inject_hyperparams list it in `static_args=\('window',\)`"
+    ):
+        tx.init(PARAMS)
+
+
+def test_skip_spikes_under_inject_hyperparams_with_static_window():
+    tx = optax.inject_hyperparams(oc.skip_spikes, static_args=("window", "warmup_steps"))(
+        window=4, sigmas=3.0, warmup_steps=3
+    )
+    state = tx.init(PARAMS)
+    for value in (1.0, 1.1, 0.9, 1.0):
+        _, state = jax.jit(tx.update)(_grads(value), state, PARAMS)
+    out, state = jax.jit(tx.update)(_grads(50.0), state, PARAMS)
+    chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, PARAMS))
