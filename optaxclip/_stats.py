@@ -92,10 +92,8 @@ def _array(x: Any) -> jax.Array:
     """The array inside a stats field (unwraps a flax ``nnx.Variable``)."""
     if isinstance(x, (jax.Array, np.ndarray, np.generic)):
         return x
-    leaves = jax.tree.leaves(x)
-    if len(leaves) != 1:
-        raise TypeError(f"stats: expected one array in a ClipStats field, got {x!r}.")
-    return leaves[0]
+    (leaf,) = jax.tree.leaves(x)
+    return leaf
 
 
 def _collect(node: Any, found: list[tuple[str, ClipStats]]) -> None:

@@ -16,7 +16,7 @@ import optax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
-from optaxclip._tree import check_nonnegative, leaves_with_paths
+from optaxclip._tree import check_nonnegative, check_threshold, leaves_with_paths
 
 
 def _unit_axes(shape: tuple[int, ...], axis: Any, path: str) -> tuple[int, ...]:
@@ -73,7 +73,8 @@ def adaptive_grad_clip(
 
     Args:
       clipping: :math:`\lambda \ge 0`, the largest allowed ratio of gradient norm to weight
-        norm per unit (NFNets uses 0.01).
+        norm per unit (NFNets uses 0.01): a float, a scalar array or an ``optax.Schedule`` of
+        the step count.
       eps: :math:`\epsilon \ge 0`, the floor on the weight norm, so zero-initialised weights
         can still move.
       axis: an int or tuple of ints: the axes to reduce over in every leaf, instead of the
@@ -101,7 +102,7 @@ def adaptive_grad_clip(
       Brock, De, Smith & Simonyan, `High-Performance Large-Scale Image Recognition Without
       Normalization <https://arxiv.org/abs/2102.06171>`_, ICML 2021.
     """
-    check_nonnegative(clipping, "clipping")
+    check_threshold(clipping, "clipping")
     check_nonnegative(eps, "eps")
 
     def init_fn(params):
@@ -136,7 +137,7 @@ def adaptive_grad_clip(
         axes = [_unit_axes(jnp.shape(x), axis, path) for path, x in g_paths]
         sizes = [math.prod(x.shape[i] for i in a) for x, a in zip(g_leaves, axes)]
         dtype = num.accum_dtype(g_leaves + p_leaves)
-        lam = jnp.asarray(clipping).astype(dtype)
+        lam = num.resolve(clipping, state.stats.count, dtype)
         floor = jnp.asarray(eps).astype(dtype)
         n = len(g_leaves)
 

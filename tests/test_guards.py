@@ -312,3 +312,8 @@ def test_skip_spikes_under_inject_hyperparams_with_static_window():
         _, state = jax.jit(tx.update)(_grads(value), state, PARAMS)
     out, state = jax.jit(tx.update)(_grads(50.0), state, PARAMS)
     chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, PARAMS))
+
+
+def test_skip_spikes_sigmas_must_be_a_number():
+    with pytest.raises(TypeError, match=r"`sigmas` must be a number, not a schedule"):
+        oc.skip_spikes(sigmas=lambda count: 6.0)

@@ -148,3 +148,19 @@ def test_params_with_other_shape_names_the_leaf():
 def test_negative_hyperparameters_are_rejected(arg, kwargs):
     with pytest.raises(ValueError, match=rf"`{arg}` must be >= 0"):
         oc.adaptive_grad_clip(**kwargs)
+
+
+def test_clipping_schedule_follows_the_step_count():
+    tx = oc.adaptive_grad_clip(optax.linear_schedule(0.2, 0.1, transition_steps=1))
+    params = {"w": jnp.array([3.0, 4.0])}  # norm 5: bounds 1.0 then 0.5
+    grads = {"w": jnp.array([0.0, 2.0])}
+    state = tx.init(params)
+    first, state = tx.update(grads, state, params)
+    second, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(first["w"], [0.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(second["w"], [0.0, 0.5], rtol=1e-6)
+
+
+def test_eps_must_be_a_number_not_a_schedule():
+    with pytest.raises(TypeError, match=r"`eps` must be a number, not a schedule"):
+        oc.adaptive_grad_clip(0.01, eps=lambda count: 1e-3)
