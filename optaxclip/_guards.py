@@ -433,6 +433,11 @@ def skip_spikes(
         finite = norm.finite & jnp.isfinite(x)
         loss = state.losses[state.head]  # unused slot value when no loss is given
         if value is not None:
+            if jnp.size(value) != 1:
+                raise ValueError(
+                    "skip_spikes: `value` must be the scalar loss of the step (e.g. the batch "
+                    f"mean); got an array of shape {jnp.shape(value)}."
+                )
             loss = jnp.asarray(value).astype(np.float32).reshape(())
             loss_mean, loss_std = _window_mean_std(state.losses, state.size)
             spike = spike | (active & (loss - loss_mean > k * loss_std))

@@ -317,3 +317,9 @@ def test_skip_spikes_under_inject_hyperparams_with_static_window():
 def test_skip_spikes_sigmas_must_be_a_number():
     with pytest.raises(TypeError, match=r"`sigmas` must be a number, not a schedule"):
         oc.skip_spikes(sigmas=lambda count: 6.0)
+
+
+def test_skip_spikes_value_must_be_a_scalar_loss():
+    tx = oc.skip_spikes(window=4)
+    with pytest.raises(ValueError, match=r"`value` must be the scalar loss .* shape \(3,\)"):
+        tx.update(_grads(), tx.init(PARAMS), value=jnp.ones(3))
