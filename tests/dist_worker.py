@@ -60,9 +60,18 @@ def place(t, specs):
     return jax.tree.map(lambda x, s: jax.device_put(x, jax.NamedSharding(MESH, s)), t, specs)
 
 
+def shard_map(fn, **kwargs):
+    """``jax.shard_map`` (``jax.experimental.shard_map`` before JAX 0.7), unchecked."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, check_vma=False, **kwargs)
+    from jax.experimental.shard_map import shard_map as legacy
+
+    return legacy(fn, check_rep=False, **kwargs)
+
+
 def shard_map_2d(fn, specs, out_specs=None):
     out_specs = P() if out_specs is None else out_specs
-    mapped = jax.shard_map(fn, mesh=MESH, in_specs=(specs,), out_specs=out_specs, check_vma=False)
+    mapped = shard_map(fn, mesh=MESH, in_specs=(specs,), out_specs=out_specs)
     return lambda t: mapped(place(t, specs))
 
 
