@@ -182,8 +182,7 @@ def clip_by_global_norm(
     """
     check_threshold(max_norm, "max_norm")
     ord = num.canonical_ord(ord)
-    if axis_name is not None and partition_specs is not None:
-        num.Reducer.build({}, axis_name, partition_specs)  # raises the shared message
+    num.check_sharding_args(axis_name, partition_specs)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

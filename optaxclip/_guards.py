@@ -116,8 +116,7 @@ def skip_nonfinite(
       optax ``apply_if_finite``; Paxml ``Learner`` (skip step on gradient anomalies).
     """
     inner = _inner(inner)
-    if axis_name is not None and partition_specs is not None:
-        num.Reducer.build({}, axis_name, partition_specs)
+    num.check_sharding_args(axis_name, partition_specs)
 
     def init_fn(params):
         return SkipNonfiniteState(stats=init_stats(), inner_state=_init_inner(inner, params))
@@ -176,8 +175,7 @@ def zero_nonfinite(
     References:
       optax ``zero_nans`` (which leaves infinities in place).
     """
-    if axis_name is not None and partition_specs is not None:
-        num.Reducer.build({}, axis_name, partition_specs)
+    num.check_sharding_args(axis_name, partition_specs)
 
     def init_fn(params):
         del params
@@ -260,8 +258,7 @@ def error_if_nonfinite(
       ...
       FloatingPointError: error_if_nonfinite: the update has non-finite values (NaN or Inf) in 1 of 2 leaves: 'layer/w'. ...
     """  # noqa: E501
-    if axis_name is not None and partition_specs is not None:
-        num.Reducer.build({}, axis_name, partition_specs)
+    num.check_sharding_args(axis_name, partition_specs)
 
     def init_fn(params):
         del params
@@ -281,7 +278,7 @@ def error_if_nonfinite(
             raise FloatingPointError(_nonfinite_message(paths, [bool(f) for f in leaf_flags]))
 
         if not leaves:
-            pass
+            pass  # an empty update is finite
         elif is_concrete(norm.m) and is_concrete(norm.r):
             if not bool(norm.finite):
                 report(flags())
@@ -410,8 +407,7 @@ def skip_spikes(
         warmup_steps = window // 2
     warmup_steps = check_positive_int(warmup_steps, "warmup_steps", minimum=0)
     active_from = max(2, warmup_steps)
-    if axis_name is not None and partition_specs is not None:
-        num.Reducer.build({}, axis_name, partition_specs)
+    num.check_sharding_args(axis_name, partition_specs)
 
     def init_fn(params):
         return SkipSpikesState(

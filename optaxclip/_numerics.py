@@ -191,6 +191,15 @@ def _spec_axes(spec: Any) -> tuple[str, ...]:
 SMALL_LEAF = 4096
 
 
+def check_sharding_args(axis_name: AxisName, partition_specs: Any) -> None:
+    """Raises when both ways of naming the mesh axes are given."""
+    if axis_name is not None and partition_specs is not None:
+        raise ValueError(
+            "Give `axis_name` or `partition_specs`, not both: `axis_name` says every leaf is "
+            "sharded over those axes, `partition_specs` says it leaf by leaf."
+        )
+
+
 class Reducer:
     """Sums or maxes per-leaf partial results, then over the mesh axes each leaf is sharded on.
 
@@ -204,11 +213,7 @@ class Reducer:
     @classmethod
     def build(cls, tree: Any, axis_name: AxisName = None, partition_specs: Any = None) -> Reducer:
         n = len(jax.tree.leaves(tree))
-        if axis_name is not None and partition_specs is not None:
-            raise ValueError(
-                "Give `axis_name` or `partition_specs`, not both: `axis_name` says every leaf is "
-                "sharded over those axes, `partition_specs` says it leaf by leaf."
-            )
+        check_sharding_args(axis_name, partition_specs)
         if partition_specs is None:
             axes = (
                 ()
