@@ -1,10 +1,19 @@
 """optaxclip: every gradient-clipping method as an Optax ``GradientTransformation``.
 
-Robust float32 norms that never overflow to a wrong answer, fixed-threshold clippers,
-guards against non-finite updates and loss spikes, and a :class:`ClipStats` record of what
-every clipper did, readable with :func:`stats`.
+Robust float32 norms that never overflow to a wrong answer, fixed-threshold and adaptive
+clippers (AutoClip, ZClip, AdaGC, SPAM, quantile tracking), guards against non-finite
+updates and loss spikes, and a :class:`ClipStats` record of what every
+clipper did, readable with :func:`stats`.
 """
 
+from optaxclip._adaptive import (
+    AutoClipState,
+    QuantileClipState,
+    ZClipState,
+    autoclip,
+    quantile_clip,
+    zclip,
+)
 from optaxclip._compose import PerLayerState, per_layer
 from optaxclip._fixed import (
     ClipByBlockRmsState,
@@ -27,13 +36,16 @@ from optaxclip._guards import (
     zero_nonfinite,
 )
 from optaxclip._numerics import global_norm, leaf_norms
+from optaxclip._pertensor import AdaGCState, SpikeAwareClipState, adagc, spike_aware_clip
 from optaxclip._stats import ClipStats, stats
 from optaxclip._unitwise import AdaptiveGradClipState, adaptive_grad_clip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGCState",
     "AdaptiveGradClipState",
+    "AutoClipState",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
     "ClipByLeafNormState",
@@ -41,10 +53,15 @@ __all__ = [
     "ClipStats",
     "ErrorIfNonfiniteState",
     "PerLayerState",
+    "QuantileClipState",
     "SkipNonfiniteState",
     "SkipSpikesState",
+    "SpikeAwareClipState",
+    "ZClipState",
     "ZeroNonfiniteState",
+    "adagc",
     "adaptive_grad_clip",
+    "autoclip",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
@@ -53,8 +70,11 @@ __all__ = [
     "global_norm",
     "leaf_norms",
     "per_layer",
+    "quantile_clip",
     "skip_nonfinite",
     "skip_spikes",
+    "spike_aware_clip",
     "stats",
+    "zclip",
     "zero_nonfinite",
 ]

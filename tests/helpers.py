@@ -79,6 +79,8 @@ class Entry:
     stats_key: str | None  # prefix of its keys in oc.stats (None: records no ClipStats)
     needs_params: bool = False
     threshold_arg: str | None = None  # argument name usable with inject_hyperparams
+    threshold_in_stats: bool = True  # ClipStats.threshold is that argument (when injected)
+    zero_threshold_ok: bool = True  # the threshold argument may be 0
 
 
 TRANSFORMS: dict[str, Entry] = {
@@ -112,6 +114,41 @@ TRANSFORMS: dict[str, Entry] = {
         "adaptive_grad_clip",
         needs_params=True,
         threshold_arg="clipping",
+        threshold_in_stats=False,
+    ),
+    "autoclip": Entry(
+        lambda: oc.autoclip(10.0, window=4),
+        lambda: oc.autoclip(100.0),
+        "autoclip",
+        threshold_arg="percentile",
+        threshold_in_stats=False,
+    ),
+    "zclip": Entry(
+        lambda: oc.zclip(warmup_steps=2),
+        lambda: oc.zclip(z_thresh=1e30, max_norm=None, warmup_steps=2),
+        "zclip",
+        threshold_arg="max_norm",
+    ),
+    "adagc": Entry(
+        lambda: oc.adagc(1.0, warmup_steps=1),
+        lambda: oc.adagc(1e30, clip_ratio=1e30, warmup_steps=1),
+        "adagc",
+        threshold_arg="max_norm",
+    ),
+    "spike_aware_clip": Entry(
+        lambda: oc.spike_aware_clip(4.0, b2=0.9, warmup_steps=2),
+        lambda: oc.spike_aware_clip(1e30, warmup_steps=1000),
+        "spike_aware_clip",
+        threshold_arg="threshold",
+        threshold_in_stats=False,
+    ),
+    "quantile_clip": Entry(
+        lambda: oc.quantile_clip(0.5),
+        lambda: oc.quantile_clip(1e30),
+        "quantile_clip",
+        threshold_arg="initial_norm",
+        threshold_in_stats=False,
+        zero_threshold_ok=False,
     ),
     "skip_nonfinite": Entry(oc.skip_nonfinite, oc.skip_nonfinite, "skip_nonfinite"),
     "zero_nonfinite": Entry(oc.zero_nonfinite, oc.zero_nonfinite, "zero_nonfinite"),

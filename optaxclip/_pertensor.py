@@ -1,0 +1,380 @@
+"""Adaptive clipping with per-tensor or per-coordinate state: AdaGC and SPAM.
+
+References: Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model
+Pretraining" (per-tensor EMA thresholds); Huang et al. 2025, "SPAM: Spike-Aware Adam with
+Momentum Reset for Stable LLM Training" (coordinate-wise spike clipping).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optaxclip import _numerics as num
+from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
+from optaxclip._tree import check_nonnegative, check_threshold, is_concrete
+
+_F32 = np.float32
+
+
+def _f32(x: Any) -> jax.Array:
+    return jnp.asarray(x).astype(_F32)
+
+
+def _check_fraction(value: Any, name: str) -> None:
+    check_nonnegative(value, name)
+    if is_concrete(value) and not 0 <= float(value) <= 1:
+        raise ValueError(f"`{name}` must be in [0, 1]; got {float(value):g}.")
+
+
+def _check_leaf_count(leaves: list, expected: int, name: str) -> None:
+    if len(leaves) != expected:
+        raise ValueError(
+            f"{name}: the updates have {len(leaves)} leaves but the state was initialised "
+            f"for {expected}; call `init` with parameters of the same structure as the updates."
+        )
+
+
+# ---------------------------------------------------------------------------
+# AdaGC
+# ---------------------------------------------------------------------------
+
+
+@named_state("adagc")
+class AdaGCState(NamedTuple):
+    """State of :func:`adagc`: one float32 per leaf and O(1) scalars.
+
+    ``gamma[i]`` is leaf i's threshold statistic :math:`\\gamma_i` (inf until first seen);
+    ``step`` counts the finite steps (the warm-up counter).
+    """
+
+    stats: ClipStats
+    gamma: jax.Array
+    step: jax.Array
+
+
+def adagc(
+    max_norm: Any = 1.0,
+    *,
+    clip_ratio: Any = 1.04,
+    beta: Any = 0.99,
+    warmup_steps: Any = 100,
+    eps: Any = 1e-6,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaGC: per-tensor clipping relative to an EMA of each tensor's own clipped norms.
+
+    With :math:`t` the finite-step count, :math:`g_i` leaf i of the update,
+    :math:`\nu_i = \|g_i\|` and :math:`n` the global norm:
+
+    * warm-up, :math:`t \le T` (``warmup_steps``): global clipping to :math:`C`
+      (``max_norm``), :math:`g \leftarrow g \min(1, C / n)`; then with :math:`\hat\nu_i` the
+      norm of the clipped leaf, :math:`\gamma_i \leftarrow \min(\gamma_i, \hat\nu_i)` (the
+      running minimum, :math:`\hat\nu_i` on first sight);
+    * afterwards, per leaf, with :math:`\lambda` = ``clip_ratio``, :math:`\beta` = ``beta``:
+
+    .. math::
+        g_i \leftarrow g_i \min\!\Big(1, \frac{\lambda \max(\gamma_i, \epsilon)}{\nu_i}\Big),
+        \qquad
+        \gamma_i \leftarrow \beta\,\gamma_i + (1 - \beta)\,\min\!\big(\nu_i,
+        \lambda \max(\gamma_i, \epsilon)\big)
+
+    so the EMA only ever sees clipped norms, and the threshold uses :math:`\gamma_{t-1}`.
+    There is no bias correction. A leaf first seen after the warm-up starts from
+    :math:`\gamma_i = \nu_i`.
+
+    This follows the authors' Megatron patch (``lishuai-97/AdaGC``, ``AdaGC.clip_by_norm``)
+    step for step, with these deviations: the scale has no epsilon (the reference divides by
+    :math:`\nu_i + \epsilon`); instead :math:`\epsilon` (``eps``) floors :math:`\gamma_i` in
+    the threshold, so a tensor whose warm-up gradients were all zero is not frozen at
+    threshold 0 forever (for :math:`\gamma_i \gg \epsilon` this is exactly the reference);
+    a step with a non-finite global norm passes through unchanged and does not advance the
+    warm-up or any :math:`\gamma_i` (the reference would make :math:`\gamma` NaN).
+
+    Args:
+      max_norm: :math:`C`, the global threshold during warm-up (float, array or schedule;
+        Megatron's ``--clip-grad``, 1.0 in the authors' scripts).
+      clip_ratio: :math:`\lambda > 0`, the allowed ratio to :math:`\gamma_i` (1.04).
+      beta: :math:`\beta \in [0, 1]`, the EMA decay (0.99).
+      warmup_steps: :math:`T \ge 0`, the finite steps of global clipping (100).
+      eps: :math:`\epsilon \ge 0`, the floor on :math:`\gamma_i` in the threshold.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its :class:`AdaGCState` holds one
+      float32 per leaf, a step counter and a :class:`ClipStats` (``threshold`` is
+      :math:`C` during warm-up and NaN afterwards; ``clipped`` the fraction of leaves clipped).
+      ``init`` needs parameters with the updates' tree structure.
+
+    Raises:
+      ValueError: negative ``max_norm``, ``warmup_steps`` or ``eps``; ``clip_ratio`` not
+        > 0; ``beta`` outside [0, 1]; updates with another number of leaves than ``init``'s.
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.adagc(10.0, warmup_steps=1)
+      >>> g = lambda a, b: {"a": jnp.array([a]), "b": jnp.array([b])}
+      >>> state = tx.init(g(0.0, 0.0))
+      >>> _, state = tx.update(g(3.0, 4.0), state)  # warm-up: gamma = (3, 4)
+      >>> u, state = tx.update(g(30.0, 4.0), state)  # "a" spikes: clipped to 1.04 * 3
+      >>> u
+      {'a': Array([3.12], dtype=float32), 'b': Array([4.], dtype=float32)}
+
+    References:
+      Wang et al., `AdaGC: Improving Training Stability for Large Language Model
+      Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025 (ICML 2026 as "AdaGC: Enhancing
+      LLM Pretraining Stability via Adaptive Gradient Clipping").
+    """
+    check_threshold(max_norm, "max_norm")
+    check_nonnegative(clip_ratio, "clip_ratio")
+    if is_concrete(clip_ratio) and float(clip_ratio) <= 0:
+        raise ValueError(f"`clip_ratio` must be > 0; got {float(clip_ratio):g}.")
+    _check_fraction(beta, "beta")
+    check_nonnegative(warmup_steps, "warmup_steps")
+    check_nonnegative(eps, "eps")
+
+    def init_fn(params):
+        n = len(jax.tree.leaves(params))
+        return AdaGCState(
+            stats=init_stats(),
+            gamma=jnp.full((n,), np.inf, _F32),
+            step=jnp.zeros((), np.int32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        leaves, treedef = jax.tree.flatten(updates)
+        leaves = [jnp.asarray(x) for x in leaves]
+        _check_leaf_count(leaves, state.gamma.shape[0], "adagc")
+        if not leaves:
+            return updates, state._replace(
+                stats=next_stats(
+                    state.stats,
+                    norm=0.0,
+                    threshold=jnp.nan,
+                    scale=1.0,
+                    clipped=0.0,
+                    any_clipped=False,
+                    nonfinite=False,
+                )
+            )
+        dtype = num.accum_dtype(leaves)
+        floor = _f32(eps)
+
+        def zero_ok(sums, ord):  # every threshold is >= clip_ratio * eps: a 0 sum decides nothing
+            return [floor * _f32(clip_ratio) >= num.zero_bound(x.size, ord, dtype) for x in leaves]
+
+        norms = num.unit_pairs(leaves, 2, [None] * len(leaves), zero_ok=zero_ok)
+        norms = [num.Norm(n.m.reshape(()), n.r.reshape(())) for n in norms]
+        total = num.combine(norms, 2)
+        value = _f32(total.value)
+        ok = total.finite & jnp.isfinite(value)
+        step = state.step + 1
+        warming = step <= jnp.asarray(warmup_steps)
+        ratio, b = _f32(clip_ratio), _f32(beta)
+
+        # Warm-up: one global factor, and the running minimum of the clipped leaf norms.
+        cap = num.resolve(max_norm, state.stats.count, dtype)
+        gp, gq, g_clipped = num.clip_factors(total, cap)
+        nu = jnp.stack([_f32(n.value) for n in norms])
+        warm_gamma = jnp.minimum(state.gamma, nu * _f32(gp * gq))
+
+        # Afterwards: each leaf against its own gamma.
+        gamma = jnp.where(jnp.isinf(state.gamma), nu, state.gamma)
+        limits = ratio * jnp.maximum(gamma, floor)
+        leaf_factors = [num.clip_factors(n, limits[i].astype(dtype)) for i, n in enumerate(norms)]
+        leaf_clipped = jnp.stack([c for _, _, c in leaf_factors])
+        ema_gamma = b * gamma + (1 - b) * jnp.where(leaf_clipped, limits, nu)
+
+        out, scales = [], []
+        for x, (p, q, _) in zip(leaves, leaf_factors):
+            p = jnp.where(warming, gp, p)
+            q = jnp.where(warming, gq, q)
+            p = jnp.where(total.finite, p, 1)
+            q = jnp.where(total.finite, q, 1)
+            out.append(num.scale_leaf(x, p, q))
+            scales.append(p * q)
+        clipped = jnp.where(warming, g_clipped, leaf_clipped) & total.finite
+        new_gamma = jnp.where(warming, warm_gamma, ema_gamma)
+        stats = next_stats(
+            state.stats,
+            norm=value,
+            threshold=jnp.where(warming, _f32(cap), jnp.nan),
+            scale=jnp.min(jnp.stack(scales)),
+            clipped=jnp.mean(clipped.astype(_F32)),
+            any_clipped=jnp.any(clipped),
+            nonfinite=~total.finite,
+        )
+        new_state = AdaGCState(
+            stats=stats,
+            gamma=jnp.where(ok, new_gamma, state.gamma),
+            step=jnp.where(ok, step, state.step),
+        )
+        return jax.tree.unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# SPAM spike-aware clipping
+# ---------------------------------------------------------------------------
+
+
+@named_state("spike_aware_clip")
+class SpikeAwareClipState(NamedTuple):
+    """State of :func:`spike_aware_clip`: ``nu``, one array per leaf (P floats), and scalars.
+
+    ``nu`` is the EMA of the squared clipped updates (float32 for float32, float16 and
+    bfloat16 leaves, unless ``nu_dtype`` says otherwise); ``step`` counts the finite steps.
+    """
+
+    stats: ClipStats
+    nu: Any
+    step: jax.Array
+
+
+def _nu_dtype(x: jax.Array, nu_dtype: Any) -> np.dtype:
+    if nu_dtype is not None:
+        return np.dtype(nu_dtype)
+    return np.dtype(np.float64 if x.dtype in (np.float64, np.complex128) else np.float32)
+
+
+def spike_aware_clip(
+    threshold: Any = 5000.0,
+    *,
+    b2: Any = 0.999,
+    warmup_steps: Any = 20,
+    nu_dtype: Any = None,
+    axis_name: num.AxisName = None,
+    partition_specs: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SPAM's spike-aware clipping: caps each coordinate against an EMA of its square.
+
+    With :math:`v` the EMA of the squared clipped updates **before** this step,
+    :math:`\theta` = ``threshold`` and :math:`\beta_2` = ``b2``, for every coordinate:
+
+    .. math::
+        g_j \leftarrow \begin{cases}
+          \operatorname{sign}(g_j)\sqrt{\theta\, v_j} & g_j^2 > \theta\, v_j \\
+          g_j & \text{otherwise}
+        \end{cases}, \qquad
+        v \leftarrow \beta_2\, v + (1 - \beta_2)\, g^2
+
+    (complex entries keep their phase). :math:`v` starts at 0, so clipping is off while
+    :math:`t + 1 < W` (:math:`t` the finite steps before this one, :math:`W` =
+    ``warmup_steps``): SPAM's ``grad_accu_steps`` gate, which keeps the first steps from
+    being clipped to 0. :math:`v` is updated on every finite step, gated or not.
+
+    In SPAM, :math:`v` is Adam's own second moment; here it is an independent EMA with
+    Adam's :math:`\beta_2`, so this works in front of any optimizer and costs P floats of
+    state (float32 by default even for bfloat16 leaves, where an EMA with
+    :math:`\beta_2 = 0.999` would round to no change). SPAM's periodic momentum reset and
+    learning-rate re-warm belong to the optimizer and are not part of this transform. A
+    step with a non-finite global norm passes through unchanged and leaves :math:`v` and
+    the step count as they were.
+
+    Args:
+      threshold: :math:`\theta \ge 0` (float, array or schedule; SPAM's default 5000).
+      b2: :math:`\beta_2 \in [0, 1]` (0.999, Adam's default).
+      warmup_steps: :math:`W \ge 0`, SPAM's ``grad_accu_steps`` (20).
+      nu_dtype: the dtype of :math:`v`; None means float32 (float64 for float64 leaves).
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes the leaves are sharded over
+        (for the statistics; the clipping itself is per coordinate).
+      partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` per leaf.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its :class:`SpikeAwareClipState` holds
+      :math:`v` (one array per leaf, P floats in all), a step counter and a
+      :class:`ClipStats` (``threshold`` NaN; ``clipped`` the fraction of coordinates
+      clipped; ``scale`` the smallest coordinate factor). ``init`` needs parameters with
+      the updates' tree structure.
+
+    Raises:
+      ValueError: negative ``threshold`` or ``warmup_steps``; ``b2`` outside [0, 1].
+
+    Example:
+      >>> import jax.numpy as jnp, optaxclip as oc
+      >>> tx = oc.spike_aware_clip(4.0, b2=0.5, warmup_steps=2)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> _, state = tx.update({"w": jnp.array([2.0, 2.0])}, state)  # v = (2, 2)
+      >>> u, state = tx.update({"w": jnp.array([1.0, -5.0])}, state)  # bound sqrt(4 * 2)
+      >>> u
+      {'w': Array([ 1.       , -2.8284271], dtype=float32)}
+
+    References:
+      Huang, Zhu, Jin, Liu, Wang & Liu, `SPAM: Spike-Aware Adam with Momentum Reset for
+      Stable LLM Training <https://arxiv.org/abs/2501.06842>`_, ICLR 2025.
+    """
+    check_threshold(threshold, "threshold")
+    _check_fraction(b2, "b2")
+    check_nonnegative(warmup_steps, "warmup_steps")
+    if nu_dtype is not None and not jnp.issubdtype(np.dtype(nu_dtype), jnp.floating):
+        raise ValueError(f"`nu_dtype` must be a real floating dtype; got {nu_dtype!r}.")
+    num.check_sharding_args(axis_name, partition_specs)
+
+    def init_fn(params):
+        nu = jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p), _nu_dtype(jnp.asarray(p), nu_dtype)), params
+        )
+        return SpikeAwareClipState(stats=init_stats(), nu=nu, step=jnp.zeros((), np.int32))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        leaves, treedef = jax.tree.flatten(updates)
+        leaves = [jnp.asarray(x) for x in leaves]
+        nus = treedef.flatten_up_to(state.nu)
+        norm = num.global_pair(updates, 2, axis_name=axis_name, partition_specs=partition_specs)
+        ok = norm.finite
+        theta = num.resolve(threshold, state.stats.count, _F32)
+        active = (state.step + 1 >= jnp.asarray(warmup_steps)) & ok
+        beta = _f32(b2)
+
+        out, new_nus, counts, scales = [], [], [], []
+        for x, v in zip(leaves, nus):
+            wide = np.float64 if np.float64 in (np.dtype(v.dtype), x.dtype) else _F32
+            xw = (
+                x.astype(np.complex128 if wide == np.float64 else np.complex64)
+                if (jnp.iscomplexobj(x))
+                else x.astype(wide)
+            )
+            vw = v.astype(wide)
+            mag = jnp.abs(xw)
+            bound = jnp.sqrt(theta.astype(wide) * vw)
+            spike = active & (mag > bound)
+            factor = jnp.where(spike, bound / jnp.where(spike, mag, 1), 1).astype(wide)
+            if jnp.iscomplexobj(xw):  # keep the phase
+                clipped = xw * factor.astype(xw.dtype)
+            else:  # SPAM's sign(g) * sqrt(theta * v), exactly
+                clipped = jnp.where(spike, jnp.copysign(bound, xw), xw)
+            square = jnp.abs(clipped) ** 2
+            new_v = beta.astype(wide) * vw + (1 - beta.astype(wide)) * square
+            out.append(clipped.astype(x.dtype))
+            new_nus.append(jnp.where(ok, new_v, vw).astype(v.dtype))
+            counts.append(jnp.sum(spike, dtype=_F32))
+            scales.append(jnp.min(factor, initial=1.0).astype(_F32))
+        reducer = num.Reducer.build(updates, axis_name, partition_specs)
+        if leaves:
+            n_clipped = reducer.sum(counts)
+            size = jnp.asarray(reducer.count([x.size for x in leaves]), _F32)
+            scale = reducer.max([-s for s in scales]) * -1
+        else:
+            n_clipped, size, scale = jnp.zeros((), _F32), jnp.zeros((), _F32), _f32(1.0)
+        stats = next_stats(
+            state.stats,
+            norm=norm.value,
+            threshold=jnp.nan,
+            scale=scale,
+            clipped=n_clipped / jnp.maximum(size, 1),
+            any_clipped=n_clipped > 0,
+            nonfinite=~ok,
+        )
+        new_state = SpikeAwareClipState(
+            stats=stats,
+            nu=jax.tree.unflatten(treedef, new_nus),
+            step=jnp.where(ok, state.step + 1, state.step),
+        )
+        return jax.tree.unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
