@@ -254,6 +254,11 @@ SPIKE_STEP = 4  # its gradient is scaled by 1000: skip_spikes skips it, the clip
 OPTIMIZERS = {
     "clip_by_global_norm": lambda: optax.chain(oc.clip_by_global_norm(MAX_NORM), optax.adam(1e-2)),
     "skip_spikes": lambda: oc.skip_spikes(optax.adam(1e-2), window=4),
+    "autoclip": lambda: optax.chain(oc.autoclip(10.0), optax.adam(1e-2)),
+    "zclip": lambda: optax.chain(oc.zclip(warmup_steps=3, max_norm=None), optax.adam(1e-2)),
+    "adagc": lambda: optax.chain(oc.adagc(MAX_NORM, warmup_steps=3), optax.adam(1e-2)),
+    "spike_aware_clip": lambda: optax.chain(oc.spike_aware_clip(warmup_steps=2), optax.adam(1e-2)),
+    "quantile_clip": lambda: optax.chain(oc.quantile_clip(), optax.adam(1e-2)),
 }
 
 
