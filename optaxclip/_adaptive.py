@@ -104,9 +104,10 @@ class AutoClipState(NamedTuple):
 
     With ``window=N``: ``history`` is a ring of the last N finite norms (N float32),
     ``size`` how many are valid, ``head`` the next slot. With ``window=None``: ``history``
-    is a histogram of int32 counts over log-spaced bins (10,160 int32, 40 KiB, whatever the
-    number of steps), ``size`` the number of norms seen, ``head`` the number of zero norms,
-    and ``low``/``high`` the smallest positive and the largest norm seen.
+    is a cumulative histogram over log-spaced bins (``history[i]`` counts the positive norms
+    in bins ``<= i``, so a percentile is one binary search; 10,160 int32, 40 KiB, whatever
+    the number of steps), ``size`` the number of norms seen, ``head`` the number of zero
+    norms, and ``low``/``high`` the smallest positive and the largest norm seen.
     """
 
     stats: ClipStats
@@ -149,8 +150,9 @@ def _bin_of(x: jax.Array) -> jax.Array:
 
 def _sketch_add(state: AutoClipState, x: jax.Array) -> AutoClipState:
     positive = x > 0
+    at_or_above = jnp.arange(_NUM_BINS, dtype=np.int32) >= _bin_of(x)
     return state._replace(
-        history=state.history.at[_bin_of(x)].add(positive.astype(np.int32)),
+        history=state.history + (at_or_above & positive).astype(np.int32),
         size=state.size + 1,
         head=state.head + (~positive).astype(np.int32),
         low=jnp.where(positive, jnp.minimum(state.low, x), state.low),
@@ -159,11 +161,10 @@ def _sketch_add(state: AutoClipState, x: jax.Array) -> AutoClipState:
 
 
 def _sketch_percentile(state: AutoClipState, percentile: jax.Array) -> jax.Array:
-    cumulative = jnp.cumsum(state.history)
     zeros, k = state.head, state.size
 
     def value_at(rank):
-        b = jnp.searchsorted(cumulative, rank - zeros, side="right")
+        b = jnp.searchsorted(state.history, rank - zeros, side="right")
         centre = jnp.exp2((b.astype(_F32) + 0.5) / _BINS_PER_OCTAVE + _LOG2_LOW)
         value = jnp.clip(centre, state.low, state.high)
         value = jnp.where(rank == zeros, state.low, value)  # the smallest positive: exact
