@@ -167,8 +167,13 @@ def adagc(
             return [floor * _f32(clip_ratio) >= num.zero_bound(x.size, ord, dtype) for x in leaves]
 
         norms = num.unit_pairs(leaves, 2, [None] * len(leaves), zero_ok=zero_ok)
-        norms = [num.Norm(n.m.reshape(()), n.r.reshape(())) for n in norms]
         total = num.combine(norms, 2)
+        # Every per-leaf quantity as one vector over the leaves: a few kernels, not a few
+        # per leaf (compile time grows with the number of kernels).
+        per_leaf = num.Norm(
+            jnp.stack([n.m.reshape(()) for n in norms]),
+            jnp.stack([n.r.reshape(()) for n in norms]),
+        )
         value = _f32(total.value)
         ok = total.finite & jnp.isfinite(value)
         step = state.step + 1
@@ -178,31 +183,25 @@ def adagc(
         # Warm-up: one global factor, and the running minimum of the clipped leaf norms.
         cap = num.resolve(max_norm, state.stats.count, dtype)
         gp, gq, g_clipped = num.clip_factors(total, cap)
-        nu = jnp.stack([_f32(n.value) for n in norms])
+        nu = _f32(per_leaf.value)
         warm_gamma = jnp.minimum(state.gamma, nu * _f32(gp * gq))
 
         # Afterwards: each leaf against its own gamma.
         gamma = jnp.where(jnp.isinf(state.gamma), nu, state.gamma)
         limits = ratio * jnp.maximum(gamma, floor)
-        leaf_factors = [num.clip_factors(n, limits[i].astype(dtype)) for i, n in enumerate(norms)]
-        leaf_clipped = jnp.stack([c for _, _, c in leaf_factors])
+        lp, lq, leaf_clipped = num.clip_factors(per_leaf, limits.astype(dtype))
         ema_gamma = b * gamma + (1 - b) * jnp.where(leaf_clipped, limits, nu)
 
-        out, scales = [], []
-        for x, (p, q, _) in zip(leaves, leaf_factors):
-            p = jnp.where(warming, gp, p)
-            q = jnp.where(warming, gq, q)
-            p = jnp.where(total.finite, p, 1)
-            q = jnp.where(total.finite, q, 1)
-            out.append(num.scale_leaf(x, p, q))
-            scales.append(p * q)
+        p = jnp.where(total.finite, jnp.where(warming, gp, lp), 1)
+        q = jnp.where(total.finite, jnp.where(warming, gq, lq), 1)
+        out = [num.scale_leaf(x, p[i], q[i]) for i, x in enumerate(leaves)]
         clipped = jnp.where(warming, g_clipped, leaf_clipped) & total.finite
         new_gamma = jnp.where(warming, warm_gamma, ema_gamma)
         stats = next_stats(
             state.stats,
             norm=value,
             threshold=jnp.where(warming, _f32(cap), jnp.nan),
-            scale=jnp.min(jnp.stack(scales)),
+            scale=jnp.min(p * q),
             clipped=jnp.mean(clipped.astype(_F32)),
             any_clipped=jnp.any(clipped),
             nonfinite=~total.finite,
