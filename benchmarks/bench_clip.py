@@ -713,6 +713,18 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def check_out_path(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Exits through ``parser.error`` unless ``out`` is a writable file path."""
+    if out.exists() and out.is_dir():
+        parser.error(f"--out {out} is a directory; give a file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out: cannot create directory {out.parent}: {e}")
+    if not os.access(out.parent, os.W_OK):
+        parser.error(f"--out: directory {out.parent} is not writable")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parses and checks the options; exits with status 2 and a message on bad ones."""
     parser = argparse.ArgumentParser(
@@ -756,14 +768,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "of compilation on CPU)",
     )
     args = parser.parse_args(argv)
-    if args.out.exists() and args.out.is_dir():
-        parser.error(f"--out {args.out} is a directory; give a file path")
-    try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out: cannot create directory {args.out.parent}: {e}")
-    if not os.access(args.out.parent, os.W_OK):
-        parser.error(f"--out: directory {args.out.parent} is not writable")
+    check_out_path(parser, args.out)
     return args
 
 
