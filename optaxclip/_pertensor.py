@@ -86,13 +86,17 @@ def adagc(
     There is no bias correction. A leaf first seen after the warm-up starts from
     :math:`\gamma_i = \nu_i`.
 
-    This follows the authors' Megatron patch (``lishuai-97/AdaGC``, ``AdaGC.clip_by_norm``)
-    step for step, with these deviations: the scale has no epsilon (the reference divides by
-    :math:`\nu_i + \epsilon`); instead :math:`\epsilon` (``eps``) floors :math:`\gamma_i` in
-    the threshold, so a tensor whose warm-up gradients were all zero is not frozen at
-    threshold 0 forever (for :math:`\gamma_i \gg \epsilon` this is exactly the reference);
-    a step with a non-finite global norm passes through unchanged and does not advance the
-    warm-up or any :math:`\gamma_i` (the reference would make :math:`\gamma` NaN).
+    The paper says only that :math:`\gamma` is initialised during a global-clipping
+    warm-up; the authors' Megatron patch (``lishuai-97/AdaGC``, ``AdaGC.clip_by_norm``) takes
+    the running minimum of the clipped norms, and this follows the code step for step, with
+    its defaults (:math:`\lambda = 1.04`, :math:`\beta = 0.99`, 100 warm-up steps; values
+    in the paper's tables may differ). Deviations from the code: the scale has no epsilon
+    (the reference divides by :math:`\nu_i + \epsilon`); instead :math:`\epsilon`
+    (``eps``) floors :math:`\gamma_i` in the threshold, so a tensor whose warm-up gradients
+    were all zero is not frozen at threshold 0 forever (for :math:`\gamma_i \gg \epsilon`
+    this is exactly the reference); a step with a non-finite global norm passes through
+    unchanged and does not advance the warm-up or any :math:`\gamma_i` (the reference would
+    make :math:`\gamma` NaN).
 
     Args:
       max_norm: :math:`C`, the global threshold during warm-up (float, array or schedule;
