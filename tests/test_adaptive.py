@@ -355,3 +355,30 @@ def test_orbax_checkpoint_restore_continues_bit_identically(name, tmp_path):
     assert len(a.files) == len(b.files) > 0
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+# ---------------------------------------------------------------------------
+# vmap: several independent runs (e.g. seeds) at once
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
+def test_vmap_over_runs_equals_each_run_alone(name):
+    tx = ADAPTIVE[name]()
+    runs = 3
+    stream = [
+        jax.tree.map(
+            lambda *xs: jnp.stack(xs), *_stream(runs, seed=t, spikes=(1,) if t == 6 else ())
+        )
+        for t in range(8)
+    ]
+    batched = jax.vmap(tx.init)(stream[0])
+    alone = [tx.init(jax.tree.map(lambda x, i=i: x[i], stream[0])) for i in range(runs)]
+    update = jax.jit(jax.vmap(tx.update))
+    single = jax.jit(tx.update)
+    for g in stream:
+        out, batched = update(g, batched)
+        for i in range(runs):
+            expected, alone[i] = single(jax.tree.map(lambda x, i=i: x[i], g), alone[i])
+            chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], out), expected, rtol=1e-5)
+    assert int(jnp.sum(batched.stats.num_clipped)) > 0
