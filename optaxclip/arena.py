@@ -595,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train small Flax models that explode or spike with each optaxclip "
         "clipper, several seeds at once, and report which method trains best.",
     )
-    parser.add_argument("--task", choices=TASKS, default="adding")
+    parser.add_argument("--task", choices=TASKS, default="temporal-order")
     parser.add_argument(
         "--methods",
         type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
