@@ -200,6 +200,19 @@ def check_sharding_args(axis_name: AxisName, partition_specs: Any) -> None:
         )
 
 
+def _explicitly_sharded(x: jax.Array) -> bool:
+    """Whether ``x``'s type names mesh axes it is sharded over (JAX's explicit sharding).
+
+    Such leaves are reduced on their own: concatenating them with leaves sharded otherwise
+    (or replicated) is a sharding type error.
+    """
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:  # JAX without sharding in types
+        return False
+    spec = getattr(getattr(typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(entry is not None for entry in spec)
+
+
 class Reducer:
     """Sums or maxes per-leaf partial results, then over the mesh axes each leaf is sharded on.
 
@@ -258,7 +271,7 @@ class Reducer:
                 x = leaves[i]
                 if x.size == 0:
                     continue
-                if x.size >= SMALL_LEAF:
+                if x.size >= SMALL_LEAF or _explicitly_sharded(x):
                     members.append(len(chunks))
                     chunks.append(x)
                 else:

@@ -127,7 +127,30 @@ def main() -> None:
     )
     out["skip_all_shards_zero"] = [float(jnp.max(jnp.abs(skipped))), 0.0]
     out.update(adaptive_checks())
+    out.update(explicit_sharding_checks())
     json.dump(out, sys.stdout)
+
+
+def explicit_sharding_checks() -> dict[str, list[float]]:
+    """Under jit with explicitly sharded leaves (sharding in the types), no argument needed."""
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is None:  # JAX without explicit sharding: nothing to check
+        return {"explicit_available": [0.0, 0.0]}
+    mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(axis_type.Explicit,) * 2)
+    t = tree(1.0)  # small leaves with different specs, one replicated
+    placed = jax.tree.map(lambda x, s: jax.device_put(x, jax.NamedSharding(mesh, s)), t, SPECS_2D)
+    out = {"explicit_available": [1.0, 1.0]}
+    norm = float(jax.jit(oc.global_norm)(placed))
+    out["explicit_norm"] = [norm, float(oc.global_norm(t))]
+    for name, tx in (("clip", oc.clip_by_global_norm(1.0)), ("zclip", oc.zclip())):
+        sharded = jax.jit(tx.update)(placed, tx.init(placed))[0]
+        reference = tx.update(t, tx.init(t))[0]
+        diff = max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(reference))
+        )
+        out[f"explicit_{name}_max_abs_diff"] = [diff, 0.0]
+    return out
 
 
 ADAPTIVE = {

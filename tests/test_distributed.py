@@ -67,3 +67,11 @@ def test_adaptive_clipper_inside_shard_map_equals_unsharded(results, name):
     diff, stat_diff, num_clipped = results[f"adaptive_{name}"]
     assert num_clipped > 0  # the stream does clip, so equality means something
     assert diff <= 1e-5 and stat_diff <= 1e-5
+
+
+def test_explicit_sharding_needs_no_argument(results):
+    available, _ = results["explicit_available"]
+    if available:  # JAX with sharding in types (jax.sharding.AxisType.Explicit)
+        np.testing.assert_allclose(*results["explicit_norm"], rtol=1e-6)
+        assert results["explicit_clip_max_abs_diff"][0] <= 1e-6
+        assert results["explicit_zclip_max_abs_diff"][0] <= 1e-6
