@@ -30,7 +30,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -260,11 +260,12 @@ def _problem(task: Task, length: int):
     return make, batch, loss, (metric, test)
 
 
-def _run_one(task: Task, method: str, length: int, seeds: int, steps: int, lr: float, bar):
-    """Trains ``seeds`` runs of ``method``; returns per-step curves and the test metric."""
+def _run_one(task: Task, factory, length: int, seeds: int, steps: int, lr: float, bar):
+    """Trains ``seeds`` runs with ``factory()``'s clipper; returns per-step curves and the
+    test metric."""
     nnx = _models()[0]
     make, batch, loss_fn, test = _problem(task, length)
-    clipper = METHODS[method]()
+    clipper = factory()
     tx = task.optimizer(lr) if clipper is None else optax.chain(clipper, task.optimizer(lr))
 
     graphdef, _ = nnx.split(make(jax.random.key(0)))
@@ -283,9 +284,10 @@ def _run_one(task: Task, method: str, length: int, seeds: int, steps: int, lr: f
         norm = oc.global_norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        s = oc.stats(opt_state)
-        threshold = s.get(f"{method}/threshold", jnp.float32(jnp.nan))
-        clipped = s.get(f"{method}/clipped", jnp.float32(0.0)) > 0
+        s = oc.stats(opt_state)  # the clipper's ClipStats (the optimizer records none)
+        name = next((k.split("/")[0] for k in s if k.endswith("/threshold")), None)
+        threshold = s[f"{name}/threshold"] if name else jnp.float32(jnp.nan)
+        clipped = (s[f"{name}/clipped"] > 0) if name else jnp.bool_(False)
         return (params, opt_state), (loss, norm, threshold, clipped)
 
     def chunk(params, opt_state, keys):
@@ -391,16 +393,14 @@ class ArenaResult:
 
     def plot(self, path: str | Path) -> None:
         """Loss curves per method (left) and the global norm against each threshold (right)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
         lengths = sorted({n for _, n in self.curves})
         length = lengths[-1]
         methods = [m for m, n in self.curves if n == length]
-        fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(13, 4.8))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        fig = Figure(figsize=(13, 4.8))
+        ax_loss, ax_norm = fig.subplots(1, 2)
+        colors = [f"C{i}" for i in range(10)]
         for i, method in enumerate(methods):
             c = self.curves[(method, length)]
             color = colors[i % len(colors)]
@@ -422,7 +422,6 @@ class ArenaResult:
         ax_norm.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)
 
     def save(self, out: str | Path) -> dict[str, Path]:
         out = Path(out)
@@ -480,7 +479,7 @@ def _summarize(task, method, length, seeds, c) -> dict[str, Any]:
 def run(
     task: str = "adding",
     *,
-    methods: Sequence[str] | None = None,
+    methods: Sequence[str] | Mapping[str, Callable[[], Any]] | None = None,
     seeds: int = 4,
     steps: int | None = None,
     lr: float | None = None,
@@ -492,7 +491,9 @@ def run(
 
     Args:
       task: one of :data:`TASKS`.
-      methods: names from :data:`METHODS`; None means the task's default comparison.
+      methods: names from :data:`METHODS`, or a dict from names to zero-argument factories
+        of clippers (custom settings, e.g. ``{"zclip-nocap": lambda: oc.zclip(max_norm=None)}``);
+        None means the task's default comparison.
       seeds: runs per method (trained together, vmapped).
       steps, lr, seq_len: None means the task's default; ``seq_len`` may be a list.
       out: a directory to write ``results.json``, ``results.csv`` and ``arena.png`` to.
@@ -504,12 +505,15 @@ def run(
     if task not in TASK_SETTINGS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     spec = TASK_SETTINGS[task]
+    factories = dict(METHODS)
+    if isinstance(methods, Mapping):  # custom settings: {name: factory of the clipper}
+        factories.update(methods)
     methods = list(spec.methods if methods is None else methods)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in factories]
     if unknown or not methods:
         raise ValueError(
             f"unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"choose from {', '.join(METHODS)}"
+            f"choose from {', '.join(METHODS)}, or pass a dict of clipper factories"
         )
     if seeds < 1 or (steps is not None and steps < 1):
         raise ValueError(f"seeds and steps must be >= 1; got seeds={seeds}, steps={steps}")
@@ -537,8 +541,10 @@ def run(
                 if bar is not None:
                     bar.set_postfix_str(f"{method}, seq_len={length}")
                 with jax.numpy_dtype_promotion("standard"):
-                    c = _run_one(spec, method, length, seeds, steps, lr, bar)
-                curves[(method, length)] = {k: c[k] for k in ("loss", "norm", "threshold")}
+                    c = _run_one(spec, factories[method], length, seeds, steps, lr, bar)
+                curves[(method, length)] = {
+                    k: c[k] for k in ("loss", "norm", "threshold", "clipped")
+                }
                 rows.append(_row(spec, method, length, seeds, c))
     finally:
         if bar is not None:

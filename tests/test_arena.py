@@ -161,6 +161,23 @@ def test_run_other_tasks(task):
     assert all(np.isfinite(r["final_loss"]) for r in result.rows)
 
 
+def test_run_accepts_custom_clipper_factories(tmp_path):
+    result = arena.run(
+        "adding",
+        methods={"tight": lambda: oc.clip_by_global_norm(0.01)},
+        seeds=2,
+        steps=5,
+        seq_len=4,
+        out=tmp_path,
+        progress=False,
+    )
+    (row,) = result.rows
+    assert row["method"] == "tight" and row["clipped_fraction"] == 1.0
+    np.testing.assert_array_equal(result.curves[("tight", 4)]["threshold"], np.float32(0.01))
+    assert result.curves[("tight", 4)]["clipped"].all()
+    assert json.loads((tmp_path / "results.json").read_text())["curves"]["tight@4"]["clipped"]
+
+
 def test_seeds_are_independent_runs():
     result = arena.run(
         "adding", methods=["none"], seeds=3, steps=5, seq_len=4, lr=0.01, progress=False
@@ -173,6 +190,7 @@ def test_seeds_are_independent_runs():
     ("kwargs", "match"),
     [
         ({"methods": ["nope"]}, r"unknown method\(s\) 'nope'; choose from none,"),
+        ({"methods": {}}, r"unknown method\(s\) \(none given\)"),
         ({"seeds": 0}, r"seeds and steps must be >= 1"),
         ({"lr": -1.0}, r"lr must be a positive number"),
         ({"seq_len": [1]}, r"seq_len must be integers >= 2"),
