@@ -391,35 +391,65 @@ class ArenaResult:
             writer.writeheader()
             writer.writerows(self.rows)
 
+    def _focus_length(self) -> int:
+        """The length whose methods disagree most (success, else final loss): the one to draw."""
+        lengths = sorted({n for _, n in self.curves})
+
+        def spread(n):
+            rows = [r for r in self.rows if r["seq_len"] == n]
+            key = "success_rate" if rows[0]["success_rate"] is not None else "final_loss"
+            values = [r[key] for r in rows if math.isfinite(r[key])]
+            return (max(values) - min(values)) if values else 0.0
+
+        return max(lengths, key=lambda n: (spread(n), n))
+
     def plot(self, path: str | Path) -> None:
-        """Loss curves per method (left) and the global norm against each threshold (right)."""
+        """Three panels: success rate against sequence length (final loss per method for
+        spiky-lm); training loss; the global norm against each method's threshold (both at
+        the length where the methods differ most, medians over seeds, smoothed)."""
         from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
-        lengths = sorted({n for _, n in self.curves})
-        length = lengths[-1]
+        length = self._focus_length()
         methods = [m for m, n in self.curves if n == length]
-        fig = Figure(figsize=(13, 4.8))
-        ax_loss, ax_norm = fig.subplots(1, 2)
-        colors = [f"C{i}" for i in range(10)]
-        for i, method in enumerate(methods):
+        fig = Figure(figsize=(16, 4.6))
+        ax_summary, ax_loss, ax_norm = fig.subplots(1, 3)
+        colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+        rnn = self.rows[0]["success_rate"] is not None
+        if rnn:
+            for method in methods:
+                rows = [r for r in self.rows if r["method"] == method]
+                lengths = [r["seq_len"] for r in rows]
+                success = [100 * r["success_rate"] for r in rows]
+                ax_summary.plot(lengths, success, "o-", color=colors[method], label=method)
+            ax_summary.set(xlabel="sequence length T", ylabel="successful runs (%)", ylim=(-5, 105))
+            ax_summary.set_title(f"{self.task}: success against T")
+        else:
+            rows = [r for r in self.rows if r["seq_len"] == length]
+            finals = [r["final_loss"] if math.isfinite(r["final_loss"]) else np.nan for r in rows]
+            ax_summary.bar(range(len(rows)), finals, color=[colors[r["method"]] for r in rows])
+            ax_summary.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30)
+            ax_summary.set(ylabel="final loss (median over seeds)")
+            ax_summary.set_title(f"{self.task}: final loss")
+        for method in methods:
             c = self.curves[(method, length)]
-            color = colors[i % len(colors)]
-            steps = np.arange(1, c["loss"].shape[1] + 1)
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps (diverged)
                 loss = np.nanmedian(np.where(np.isfinite(c["loss"]), c["loss"], np.nan), axis=0)
                 norm = np.nanmedian(np.where(np.isfinite(c["norm"]), c["norm"], np.nan), axis=0)
                 thr = np.nanmedian(c["threshold"], axis=0)
-            ax_loss.plot(steps, loss, color=color, label=method, lw=1.2)
-            ax_norm.plot(steps, norm, color=color, lw=1.0, alpha=0.8, label=f"{method}: norm")
+            steps = np.arange(1, loss.shape[0] + 1)
+            color = colors[method]
+            ax_loss.plot(steps, _smooth(loss), color=color, label=method, lw=1.2)
+            ax_norm.plot(steps, _smooth(norm), color=color, lw=1.0, alpha=0.85)
             if np.isfinite(thr).any():
-                ax_norm.plot(steps, thr, color=color, lw=1.0, ls="--", label=f"{method}: threshold")
+                ax_norm.plot(steps, _smooth(thr), color=color, lw=1.0, ls="--")
         ax_loss.set(yscale="log", xlabel="step", ylabel="training loss (median over seeds)")
-        ax_loss.set_title(f"{self.task}, seq_len={length}: loss")
-        ax_norm.set(yscale="log", xlabel="step", ylabel="global gradient norm (pre-clip)")
-        ax_norm.set_title("gradient norm (solid) and threshold (dashed)")
+        ax_loss.set_title(f"seq_len={length}: loss")
+        ax_norm.set(yscale="log", xlabel="step", ylabel="global gradient norm, pre-clip")
+        ax_norm.set_title(f"seq_len={length}: norm (solid), threshold (dashed)")
         ax_loss.legend(fontsize=8)
-        ax_norm.legend(fontsize=6, ncol=2)
+        if rnn:
+            ax_summary.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
 
@@ -435,6 +465,18 @@ class ArenaResult:
         self.to_csv(files["csv"])
         self.plot(files["png"])
         return files
+
+
+def _smooth(x: np.ndarray, window: int = 25) -> np.ndarray:
+    """A trailing moving average that skips NaN (for readable curves)."""
+    finite = np.isfinite(x)
+    csum = np.cumsum(np.where(finite, x, 0.0))
+    ccount = np.cumsum(finite)
+    lo = np.maximum(np.arange(x.shape[0]) - window, -1)
+    total = csum - np.where(lo >= 0, csum[np.maximum(lo, 0)], 0.0)
+    count = ccount - np.where(lo >= 0, ccount[np.maximum(lo, 0)], 0)
+    with np.errstate(all="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _json_default(x: Any) -> Any:
