@@ -58,6 +58,8 @@ import numpy as np
 import optax
 
 import optaxclip as oc
+from optaxclip._cli import non_negative_int as _non_negative_int
+from optaxclip._cli import positive_int as _positive_int
 
 MAX_NORM = 1.0
 LEARNING_RATE = 1e-3
@@ -691,26 +693,6 @@ def report_machine(machine: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def check_out_path(parser: argparse.ArgumentParser, out: Path) -> None:

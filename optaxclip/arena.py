@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 import optaxclip as oc
+from optaxclip._cli import positive_float, positive_int
 
 # ---------------------------------------------------------------------------
 # Methods: the clipper placed in front of the task's optimizer
@@ -616,26 +617,6 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``optaxclip-arena`` command."""
     parser = argparse.ArgumentParser(
@@ -650,9 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help=f"comma list from: {', '.join(METHODS)} (default: the task's comparison)",
     )
-    parser.add_argument("--seeds", type=_positive_int, default=4)
-    parser.add_argument("--steps", type=_positive_int, default=None)
-    parser.add_argument("--lr", type=_positive_float, default=None)
+    parser.add_argument("--seeds", type=positive_int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=None)
+    parser.add_argument("--lr", type=positive_float, default=None)
     parser.add_argument("--seq-len", type=_int_list, default=None, help="e.g. 10,25,50")
     parser.add_argument("--out", type=Path, default=Path("arena-out"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
