@@ -22,23 +22,18 @@ import optax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
-from optaxclip._tree import check_nonnegative, check_positive_int, check_threshold, is_concrete
+from optaxclip._tree import (
+    check_in_range,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    check_threshold,
+)
 
 _F32 = np.float32
 
 
-def _f32(x: Any) -> jax.Array:
-    return jnp.asarray(x).astype(_F32)
-
-
-def _check_range(value: Any, name: str, low: float, high: float) -> None:
-    """A number (possibly traced) that must lie in ``[low, high]``, with ``low >= 0``."""
-    check_nonnegative(value, name)
-    if isinstance(value, jax.Array) and not is_concrete(value):
-        return
-    v = float(value)
-    if not low <= v <= high:
-        raise ValueError(f"`{name}` must be in [{low:g}, {high:g}]; got {v:g}.")
+_f32 = num.as_f32
 
 
 class _Step(NamedTuple):
@@ -238,7 +233,7 @@ def autoclip(
       Seetharaman, Wichern, Pardo & Le Roux, `AutoClip: Adaptive Gradient Clipping for
       Source Separation Networks <https://arxiv.org/abs/2007.14469>`_, MLSP 2020.
     """
-    _check_range(percentile, "percentile", 0.0, 100.0)
+    check_in_range(percentile, "percentile", 0.0, 100.0)
     if window is not None:
         window = check_positive_int(window, "window")
     num.check_sharding_args(axis_name, partition_specs)
@@ -399,11 +394,9 @@ def zclip(
     """
     mode = _choice(mode, "mode", _ZCLIP_MODES)
     clip_option = _choice(clip_option, "clip_option", _ZCLIP_OPTIONS)
-    _check_range(alpha, "alpha", 0.0, 1.0)
-    for value, name in ((z_thresh, "z_thresh"), (clip_factor, "clip_factor")):
-        check_nonnegative(value, name)
-        if is_concrete(value) and float(value) <= 0:
-            raise ValueError(f"`{name}` must be > 0; got {float(value):g}.")
+    check_in_range(alpha, "alpha", 0.0, 1.0)
+    check_positive(z_thresh, "z_thresh")
+    check_positive(clip_factor, "clip_factor")
     check_nonnegative(eps, "eps")
     check_nonnegative(warmup_steps, "warmup_steps")
     if max_norm is not None:
@@ -541,7 +534,7 @@ def quantile_clip(
     check_threshold(initial_norm, "initial_norm", allow_zero=False)
     if callable(initial_norm):
         raise TypeError(f"`initial_norm` must be a number, not a schedule; got {initial_norm!r}.")
-    _check_range(target_quantile, "target_quantile", 0.0, 1.0)
+    check_in_range(target_quantile, "target_quantile", 0.0, 1.0)
     check_nonnegative(learning_rate, "learning_rate")
     num.check_sharding_args(axis_name, partition_specs)
 

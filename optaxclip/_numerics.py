@@ -642,6 +642,11 @@ def leaf_norms(tree: Any, ord: Any = 2) -> Any:
     return jax.tree.unflatten(treedef, values)
 
 
+def as_f32(x: Any) -> jax.Array:
+    """``x`` as a float32 array (the dtype of every statistic in a state)."""
+    return jnp.asarray(x).astype(np.float32)
+
+
 def resolve(value: Any, count: jax.Array, dtype: np.dtype) -> jax.Array:
     """A threshold argument (number, array or schedule of the step count) as a ``dtype`` scalar."""
     if callable(value):

@@ -16,19 +16,12 @@ import optax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
-from optaxclip._tree import check_nonnegative, check_threshold, is_concrete
+from optaxclip._tree import check_in_range, check_nonnegative, check_positive, check_threshold
 
 _F32 = np.float32
 
 
-def _f32(x: Any) -> jax.Array:
-    return jnp.asarray(x).astype(_F32)
-
-
-def _check_fraction(value: Any, name: str) -> None:
-    check_nonnegative(value, name)
-    if is_concrete(value) and not 0 <= float(value) <= 1:
-        raise ValueError(f"`{name}` must be in [0, 1]; got {float(value):g}.")
+_f32 = num.as_f32
 
 
 def _check_leaf_count(leaves: list, expected: int, name: str) -> None:
@@ -132,10 +125,8 @@ def adagc(
       LLM Pretraining Stability via Adaptive Gradient Clipping").
     """
     check_threshold(max_norm, "max_norm")
-    check_nonnegative(clip_ratio, "clip_ratio")
-    if is_concrete(clip_ratio) and float(clip_ratio) <= 0:
-        raise ValueError(f"`clip_ratio` must be > 0; got {float(clip_ratio):g}.")
-    _check_fraction(beta, "beta")
+    check_positive(clip_ratio, "clip_ratio")
+    check_in_range(beta, "beta", 0.0, 1.0)
     check_nonnegative(warmup_steps, "warmup_steps")
     check_nonnegative(eps, "eps")
 
@@ -311,7 +302,7 @@ def spike_aware_clip(
       Stable LLM Training <https://arxiv.org/abs/2501.06842>`_, ICLR 2025.
     """
     check_threshold(threshold, "threshold")
-    _check_fraction(b2, "b2")
+    check_in_range(b2, "b2", 0.0, 1.0)
     check_nonnegative(warmup_steps, "warmup_steps")
     if nu_dtype is not None and not jnp.issubdtype(np.dtype(nu_dtype), jnp.floating):
         raise ValueError(f"`nu_dtype` must be a real floating dtype; got {nu_dtype!r}.")

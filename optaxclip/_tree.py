@@ -108,6 +108,20 @@ def check_nonnegative(value: Any, name: str) -> None:
         raise TypeError(f"`{name}` must be a number, not a schedule; got {value!r}.")
 
 
+def check_positive(value: Any, name: str) -> None:
+    """Checks a scalar hyperparameter that must be > 0 (traced values pass)."""
+    check_nonnegative(value, name)
+    if is_concrete(value) and float(value) <= 0:
+        raise ValueError(f"`{name}` must be > 0; got {float(value):g}.")
+
+
+def check_in_range(value: Any, name: str, low: float, high: float) -> None:
+    """Checks a scalar hyperparameter in ``[low, high]``, ``low >= 0`` (traced values pass)."""
+    check_nonnegative(value, name)
+    if is_concrete(value) and not low <= float(value) <= high:
+        raise ValueError(f"`{name}` must be in [{low:g}, {high:g}]; got {float(value):g}.")
+
+
 def check_transform(value: Any, name: str) -> None:
     if not isinstance(value, optax.GradientTransformation):
         raise TypeError(

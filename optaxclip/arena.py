@@ -264,7 +264,8 @@ def _problem(task: Task, length: int):
 def _run_one(task: Task, factory, length: int, seeds: int, steps: int, lr: float, bar):
     """Trains ``seeds`` runs with ``factory()``'s clipper; returns per-step curves and the
     test metric."""
-    nnx = _models()[0]
+    from flax import nnx
+
     make, batch, loss_fn, test = _problem(task, length)
     clipper = factory()
     tx = task.optimizer(lr) if clipper is None else optax.chain(clipper, task.optimizer(lr))
