@@ -1,9 +1,11 @@
 """optaxclip: every gradient-clipping method as an Optax ``GradientTransformation``.
 
 Robust float32 norms that never overflow to a wrong answer, fixed-threshold and adaptive
-clippers (AutoClip, ZClip, AdaGC, SPAM, quantile tracking), guards against non-finite
-updates and loss spikes, and a :class:`ClipStats` record of what every
-clipper did, readable with :func:`stats`.
+clippers (AutoClip, ZClip, AdaGC, SPAM, quantile tracking), per-example (DP-SGD style)
+clipping, guards against non-finite updates and loss spikes, and a :class:`ClipStats` record
+of what every clipper did, readable with :func:`stats`. Every method is exact on sharded
+updates: under ``jit`` with ``NamedSharding``, or inside ``shard_map``/``pmap`` with
+``axis_name=`` or ``partition_specs=``.
 """
 
 from optaxclip._adaptive import (
@@ -36,6 +38,7 @@ from optaxclip._guards import (
     zero_nonfinite,
 )
 from optaxclip._numerics import global_norm, leaf_norms
+from optaxclip._perexample import PerExampleClipState, per_example_clip
 from optaxclip._pertensor import AdaGCState, SpikeAwareClipState, adagc, spike_aware_clip
 from optaxclip._stats import ClipStats, stats
 from optaxclip._unitwise import AdaptiveGradClipState, adaptive_grad_clip
@@ -52,6 +55,7 @@ __all__ = [
     "ClipByValueState",
     "ClipStats",
     "ErrorIfNonfiniteState",
+    "PerExampleClipState",
     "PerLayerState",
     "QuantileClipState",
     "SkipNonfiniteState",
@@ -69,6 +73,7 @@ __all__ = [
     "error_if_nonfinite",
     "global_norm",
     "leaf_norms",
+    "per_example_clip",
     "per_layer",
     "quantile_clip",
     "skip_nonfinite",

@@ -48,7 +48,9 @@ class ClipByValueState(NamedTuple):
     stats: ClipStats
 
 
-def clip_by_value(max_value: Threshold) -> optax.GradientTransformationExtraArgs:
+def clip_by_value(
+    max_value: Threshold, *, axis_name: num.AxisName = None, partition_specs: Any = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Clips every entry of the update to ``[-max_value, max_value]``.
 
     .. math::
@@ -61,6 +63,9 @@ def clip_by_value(max_value: Threshold) -> optax.GradientTransformationExtraArgs
     Args:
       max_value: the bound :math:`c \ge 0`: a float, a scalar array, or an ``optax.Schedule``
         of the step count.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf is sharded over (the
+        clipping is element-wise; only the statistics are reduced over the devices).
+      partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` (or a prefix).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state holds a :class:`ClipStats`
@@ -82,19 +87,23 @@ def clip_by_value(max_value: Threshold) -> optax.GradientTransformationExtraArgs
       University of Technology, 2012.
     """
     check_threshold(max_value, "max_value")
+    num.check_sharding_args(axis_name, partition_specs)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         leaves = [jnp.asarray(x) for x in jax.tree.leaves(updates)]
         dtype = num.accum_dtype(leaves)
         c = jnp.maximum(num.resolve(max_value, state.stats.count, dtype), 0)
-        norm = num.global_pair(updates, 2)
-        largest = num.global_pair(updates, math.inf)
+        sharding = dict(axis_name=axis_name, partition_specs=partition_specs)
+        norm = num.global_pair(updates, 2, **sharding)
+        largest = num.global_pair(updates, math.inf, **sharding)
         p, q, any_clipped = num.clip_factors(largest, c)
         # Count entries above c: sign(max(|x| - c, 0)) vectorises where a compare does not.
         over = [jnp.sum(jnp.sign(jnp.fmax(jnp.abs(num._wide(x, dtype)) - c, 0))) for x in leaves]
-        size = sum(x.size for x in leaves)
-        fraction = sum(over, jnp.zeros((), dtype)) / max(size, 1)
+        reducer = num.Reducer.build(updates, axis_name, partition_specs)
+        size = reducer.count([x.size for x in leaves])
+        n_over = reducer.sum(over) if leaves else jnp.zeros((), dtype)
+        fraction = n_over / jnp.maximum(jnp.asarray(size, dtype), 1)
 
         def clip_leaf(x):
             x = jnp.asarray(x)
@@ -209,18 +218,26 @@ def clip_by_global_norm(
 # ---------------------------------------------------------------------------
 
 
-def _per_leaf_update(updates, state, limit_of, ord, threshold):
-    """Clips each leaf to ``limit_of(leaf, dtype)``; returns the updates and the new stats."""
+def _per_leaf_update(updates, state, limit_of, ord, threshold, axis_name, partition_specs):
+    """Clips each leaf to ``limit_of(size, dtype)``; returns the updates and the new stats.
+
+    ``size`` is the leaf's logical number of entries (all shards together).
+    """
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
     dtype = num.accum_dtype(leaves)
-    limits = [limit_of(x, dtype) for x in leaves]
+    mesh = num.leaf_meshes(leaves, updates, axis_name, partition_specs)
+    sizes = [
+        x.size * (num.axis_product(lm.split(range(x.ndim))[0]) if mesh else 1)
+        for x, lm in zip(leaves, mesh or [None] * len(leaves))
+    ]
+    limits = [limit_of(n, dtype) for n in sizes]
 
-    def zero_ok(sums, ord):
+    def zero_ok(sums, ord, sizes):
         # A leaf whose sum underflowed to 0 has a norm below zero_bound: no clip can change.
-        return [lim >= num.zero_bound(x.size, ord, dtype) for x, lim in zip(leaves, limits)]
+        return [lim >= num.zero_bound(n, ord, dtype) for n, lim in zip(sizes, limits)]
 
-    norms = num.unit_pairs(leaves, ord, [None] * len(leaves), zero_ok=zero_ok)
+    norms = num.unit_pairs(leaves, ord, [None] * len(leaves), zero_ok=zero_ok, mesh=mesh)
     out, scales, clipped = [], [], []
     for x, norm, limit in zip(leaves, norms, limits):
         p, q, c = num.clip_factors(norm, limit)
@@ -249,7 +266,11 @@ class ClipByLeafNormState(NamedTuple):
 
 
 def clip_by_leaf_norm(
-    max_norm: Threshold, *, ord: Any = 2
+    max_norm: Threshold,
+    *,
+    ord: Any = 2,
+    axis_name: num.AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scales each leaf (tensor) separately so its norm is at most ``max_norm``.
 
@@ -263,6 +284,10 @@ def clip_by_leaf_norm(
     Args:
       max_norm: the threshold :math:`c \ge 0` (float, scalar array or schedule).
       ord: 2 (default), 1 or inf.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf is sharded over;
+        each leaf's norm is then the whole (logical) tensor's, not the shard's.
+      partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` (or a prefix):
+        each leaf's partial sum is added over the mesh axes its spec names.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state holds a :class:`ClipStats`
@@ -284,6 +309,7 @@ def clip_by_leaf_norm(
     """
     check_threshold(max_norm, "max_norm")
     ord = num.canonical_ord(ord)
+    num.check_sharding_args(axis_name, partition_specs)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -291,9 +317,11 @@ def clip_by_leaf_norm(
         updates, stats = _per_leaf_update(
             updates,
             state,
-            lambda x, dtype: num.resolve(max_norm, count, dtype),
+            lambda n, dtype: num.resolve(max_norm, count, dtype),
             ord,
             lambda dtype: num.resolve(max_norm, count, dtype),
+            axis_name,
+            partition_specs,
         )
         return updates, ClipByLeafNormState(stats=stats)
 
@@ -307,7 +335,9 @@ class ClipByBlockRmsState(NamedTuple):
     stats: ClipStats
 
 
-def clip_by_block_rms(max_rms: Threshold) -> optax.GradientTransformationExtraArgs:
+def clip_by_block_rms(
+    max_rms: Threshold, *, axis_name: num.AxisName = None, partition_specs: Any = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Scales each leaf (block) so its root-mean-square is at most ``max_rms``.
 
     .. math::
@@ -320,6 +350,9 @@ def clip_by_block_rms(max_rms: Threshold) -> optax.GradientTransformationExtraAr
 
     Args:
       max_rms: the threshold :math:`c \ge 0` (float, scalar array or schedule).
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf is sharded over;
+        each block's RMS is then the whole (logical) tensor's, not the shard's.
+      partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` (or a prefix).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state holds a :class:`ClipStats`
@@ -341,6 +374,7 @@ def clip_by_block_rms(max_rms: Threshold) -> optax.GradientTransformationExtraAr
       <https://arxiv.org/abs/1804.04235>`_, ICML 2018.
     """
     check_threshold(max_rms, "max_rms")
+    num.check_sharding_args(axis_name, partition_specs)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -348,9 +382,11 @@ def clip_by_block_rms(max_rms: Threshold) -> optax.GradientTransformationExtraAr
         updates, stats = _per_leaf_update(
             updates,
             state,
-            lambda x, dtype: num.resolve(max_rms, count, dtype) * math.sqrt(x.size),
+            lambda n, dtype: num.resolve(max_rms, count, dtype) * math.sqrt(n),
             2,
             lambda dtype: num.resolve(max_rms, count, dtype),
+            axis_name,
+            partition_specs,
         )
         return updates, ClipByBlockRmsState(stats=stats)
 

@@ -14,6 +14,7 @@ derived from the pair so a clipped update keeps its direction on every finite in
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -133,7 +134,7 @@ def times_inverse(x: jax.Array, m: jax.Array) -> jax.Array:
     return x * a * b * c
 
 
-ZeroOk = Callable[[list[jax.Array], float], list[jax.Array]]
+ZeroOk = Callable[[list[jax.Array], float, list[int]], list[jax.Array]]
 
 
 def zero_bound(n: int, ord: float, dtype: np.dtype) -> float:
@@ -152,6 +153,17 @@ def _from_max(m: jax.Array) -> Norm:
     big = ~(m < tiny)  # NaN counts as big, so it propagates
     one = jnp.ones_like(m)
     return Norm(jnp.where(big, m, one), jnp.where(big, one, jnp.zeros_like(m)))
+
+
+def _nan_max(x: jax.Array, axis: Any, keepdims: bool) -> jax.Array:
+    """``max(|x|)`` over ``axis`` that is NaN when any entry is.
+
+    XLA's max propagates NaN on one device, but a max over a sharded array (GSPMD's
+    all-reduce on CPU) drops it; an or-reduction of ``isnan`` does not.
+    """
+    zero = jnp.zeros((), jnp.abs(x).dtype)
+    m = jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims, initial=zero)
+    return jnp.where(jnp.any(jnp.isnan(x), axis=axis, keepdims=keepdims), jnp.nan, m)
 
 
 def _by_ord(ord: Any, fn: Callable[[float], Any]) -> Any:
@@ -213,6 +225,117 @@ def _explicitly_sharded(x: jax.Array) -> bool:
     return spec is not None and any(entry is not None for entry in spec)
 
 
+def expand_specs(tree: Any, partition_specs: Any) -> list[Any]:
+    """One ``PartitionSpec`` (or None: replicated) per leaf of ``tree``, from a prefix tree."""
+    is_spec = lambda s: isinstance(s, PartitionSpec) or s is None
+    try:  # each spec of the prefix, repeated over the leaves below it
+        full = jax.tree.map(
+            lambda spec, sub: jax.tree.map(lambda _: spec, sub),
+            partition_specs,
+            tree,
+            is_leaf=is_spec,
+        )
+    except ValueError as e:
+        raise ValueError(
+            "`partition_specs` must match the updates' tree structure or be a prefix of it "
+            f"(as passed to shard_map); {e}"
+        ) from None
+    specs = jax.tree.structure(tree).flatten_up_to(full)
+    for spec in specs:
+        _spec_axes(spec)  # type check
+    return specs
+
+
+def _entry_axes(entry: Any) -> tuple[str, ...]:
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+class LeafMesh(NamedTuple):
+    """How one leaf is laid out on the mesh: the mesh axes that shard each of its dimensions.
+
+    ``whole`` holds axes that shard the leaf without a known dimension (``axis_name=`` on a
+    scalar, as under ``pmap``): they count as reduced by every norm of the leaf.
+    """
+
+    dims: tuple[tuple[str, ...], ...]
+    whole: tuple[str, ...] = ()
+
+    def split(self, reduced: Sequence[int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(reduce_axes, keep_axes)`` for a norm over the dimensions ``reduced``."""
+        reduce, keep = list(self.whole), []
+        for d, axes in enumerate(self.dims):
+            target = reduce if d in reduced else keep
+            target.extend(a for a in axes if a not in target)
+        return tuple(reduce), tuple(a for a in keep if a not in reduce)
+
+
+def leaf_meshes(
+    leaves: Sequence[Any], tree: Any, axis_name: AxisName, partition_specs: Any
+) -> list[LeafMesh] | None:
+    """Each leaf's :class:`LeafMesh`, or None when no mesh axes are named.
+
+    ``axis_name`` says every leaf is sharded over those axes along its first dimension (the
+    layout of ``pmap`` and of ``shard_map`` with ``P(axis_name)``); a scalar leaf is sharded
+    as a whole.
+    """
+    check_sharding_args(axis_name, partition_specs)
+    if axis_name is None and partition_specs is None:
+        return None
+    if partition_specs is None:
+        axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+        return [
+            LeafMesh((axes,) + ((),) * (jnp.ndim(x) - 1)) if jnp.ndim(x) else LeafMesh((), axes)
+            for x in leaves
+        ]
+    out = []
+    for x, spec in zip(leaves, expand_specs(tree, partition_specs)):
+        entries = tuple(spec) if spec is not None else ()
+        ndim = jnp.ndim(x)
+        if len(entries) > ndim:
+            raise ValueError(
+                f"`partition_specs`: the spec {spec} names {len(entries)} dimensions but the "
+                f"leaf has shape {jnp.shape(x)}."
+            )
+        dims = tuple(_entry_axes(e) for e in entries) + ((),) * (ndim - len(entries))
+        out.append(LeafMesh(dims))
+    return out
+
+
+def axis_product(axes: tuple[str, ...]) -> int:
+    """How many devices the mesh axes ``axes`` span (1 for none)."""
+    return lax.psum(1, axes) if axes else 1
+
+
+def pmax(x: Any, axes: tuple[str, ...]) -> Any:
+    """``lax.pmax`` that propagates NaN (XLA's cross-device max may drop it), one collective.
+
+    ``x`` is an array or a list of floating arrays.
+    """
+    xs = x if isinstance(x, list) else [x]
+    nan = [jnp.isnan(v) for v in xs]
+    flags = [n.astype(v.dtype) for n, v in zip(nan, xs)]
+    clean = [jnp.where(n, jnp.asarray(-jnp.inf, v.dtype), v) for n, v in zip(nan, xs)]
+    out = lax.pmax(clean + flags, axes)
+    k = len(xs)
+    res = [jnp.where(f > 0, jnp.asarray(jnp.nan, v.dtype), v) for v, f in zip(out[:k], out[k:])]
+    return res if isinstance(x, list) else res[0]
+
+
+def grouped_collective(arrays: Sequence[jax.Array], axes: Sequence[tuple[str, ...]], op):
+    """``op`` (``lax.psum``/``pmax``/``pmin``) of each array over its axes: one per axis set."""
+    out = list(arrays)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, a in enumerate(axes):
+        if a:
+            groups.setdefault(a, []).append(i)
+    for a, idx in groups.items():
+        for i, r in zip(idx, op([arrays[i] for i in idx], a)):
+            out[i] = r
+    return out
+
+
 class Reducer:
     """Sums or maxes per-leaf partial results, then over the mesh axes each leaf is sharded on.
 
@@ -234,20 +357,7 @@ class Reducer:
                 else ((axis_name,) if isinstance(axis_name, str) else tuple(axis_name))
             )
             return cls([(axes, list(range(n)))])
-        is_spec = lambda s: isinstance(s, PartitionSpec) or s is None
-        try:  # each spec of the prefix, repeated over the leaves below it
-            full = jax.tree.map(
-                lambda spec, sub: jax.tree.map(lambda _: spec, sub),
-                partition_specs,
-                tree,
-                is_leaf=is_spec,
-            )
-        except ValueError as e:
-            raise ValueError(
-                "`partition_specs` must match the updates' tree structure or be a prefix of it "
-                f"(as passed to shard_map); {e}"
-            ) from None
-        specs = jax.tree.structure(tree).flatten_up_to(full)  # None (replicated) kept
+        specs = expand_specs(tree, partition_specs)
         groups: dict[tuple[str, ...], list[int]] = {}
         for i, spec in enumerate(specs):
             groups.setdefault(_spec_axes(spec), []).append(i)
@@ -297,7 +407,7 @@ class Reducer:
         return self._combine(partials, lambda xs: sum(xs[1:], xs[0]), lax.psum)
 
     def max(self, partials: Sequence[jax.Array]) -> jax.Array:
-        return self._combine(partials, lambda xs: jnp.max(jnp.stack(xs)), lax.pmax)
+        return self._combine(partials, lambda xs: jnp.max(jnp.stack(xs)), pmax)
 
     def count(self, sizes: Sequence[int]) -> int | jax.Array:
         """Total number of entries across devices (an upper bound is all that is needed)."""
@@ -322,7 +432,8 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
 
     if ord == math.inf:
         chunks, red = reducer.chunks(leaves)
-        return _from_max(largest(chunks, red)) if chunks else Norm(one, zero)
+        maxes = [_nan_max(_wide(c, dtype), None, False) for c in chunks]
+        return _from_max(red.max(maxes)) if chunks else Norm(one, zero)
 
     def rescue(chunks, red) -> Norm:
         m = largest(chunks, red)
@@ -394,9 +505,10 @@ def unit_pairs(
     axes: Sequence[tuple[int, ...] | None],
     *,
     zero_ok: ZeroOk | None = None,
+    mesh: Sequence[LeafMesh] | None = None,
 ) -> list[Norm]:
     """Norms of each unit (``keepdims`` arrays); see :func:`_unit_pairs`."""
-    return _by_ord(ord, lambda o: _unit_pairs(leaves, o, axes, zero_ok=zero_ok))
+    return _by_ord(ord, lambda o: _unit_pairs(leaves, o, axes, zero_ok=zero_ok, mesh=mesh))
 
 
 def _unit_pairs(
@@ -405,40 +517,58 @@ def _unit_pairs(
     axes: Sequence[tuple[int, ...] | None],
     *,
     zero_ok: ZeroOk | None = None,
+    mesh: Sequence[LeafMesh] | None = None,
 ) -> list[Norm]:
     """Norms of each unit (``keepdims`` arrays); ``axes[i]`` are the axes reduced in leaf i.
 
     A unit whose ordinary sum is exactly 0 may hold entries that all flushed to zero (the
     true norm is then below :func:`zero_bound`). By default such a unit runs the rescaled
-    pass like any underflow. A clipper passes ``zero_ok``: given the ordinary sums (and the
-    ord), it says
-    per unit where 0 can be taken as is because no clipping decision could change (the
-    unit's limit is at least the bound), so exactly-zero units (dead units, zero-initialised
-    weights) cost nothing on its path.
+    pass like any underflow. A clipper passes ``zero_ok``: given the ordinary sums, the ord
+    and each leaf's (logical) unit size, it says per unit where 0 can be taken as is because
+    no clipping decision could change (the unit's limit is at least the bound), so
+    exactly-zero units (dead units, zero-initialised weights) cost nothing on its path.
+
+    With ``mesh`` (inside ``shard_map``/``pmap``), each unit's partial sum is added over the
+    mesh axes that shard its reduced dimensions (one collective per distinct axis set), so
+    every norm is the logical tensor's; the rescue decision is shared by every device.
     """
     if not leaves:
         return []
     dtype = accum_dtype(leaves)
     axes = [tuple(range(jnp.ndim(x))) if a is None else a for x, a in zip(leaves, axes)]
+    split = [lm.split(a) for lm, a in zip(mesh, axes)] if mesh else [((), ())] * len(leaves)
+    red_axes = [r for r, _ in split]
+    keep_union = tuple(dict.fromkeys(a for _, k in split for a in k))
+    sizes = [
+        math.prod(x.shape[i] for i in a) * axis_product(r)
+        for x, a, r in zip(leaves, axes, red_axes)
+    ]
     zero = jnp.zeros((), dtype)
 
-    def unit_max(x, a):
-        return jnp.max(jnp.abs(_wide(x, dtype)), axis=a, keepdims=True, initial=zero)
+    def unit_max(xs):
+        local = [
+            jnp.max(jnp.abs(_wide(x, dtype)), axis=a, keepdims=True, initial=zero)
+            for x, a in zip(xs, axes)
+        ]
+        return grouped_collective(local, red_axes, pmax)
 
     if ord == math.inf:
-        return [_from_max(unit_max(x, a)) for x, a in zip(leaves, axes)]
+        local = [_nan_max(_wide(x, dtype), a, True) for x, a in zip(leaves, axes)]
+        return [_from_max(m) for m in grouped_collective(local, red_axes, pmax)]
 
     def rescue(xs) -> list[Norm]:
         out = []
-        for x, a in zip(xs, axes):
-            m = unit_max(x, a)
-            ok = (m >= jnp.finfo(dtype).tiny) & jnp.isfinite(m)
-            xw = _wide(x, dtype)
-            s = jnp.sum(
-                _magnitude(times_inverse(xw, jnp.where(ok, m, 1)), ord, dtype),
+        maxes = unit_max(xs)
+        oks = [(m >= jnp.finfo(dtype).tiny) & jnp.isfinite(m) for m in maxes]
+        local = [
+            jnp.sum(
+                _magnitude(times_inverse(_wide(x, dtype), jnp.where(ok, m, 1)), ord, dtype),
                 axis=a,
                 keepdims=True,
             )
+            for x, a, m, ok in zip(xs, axes, maxes, oks)
+        ]
+        for m, ok, s in zip(maxes, oks, grouped_collective(local, red_axes, lax.psum)):
             degenerate = _from_max(m)
             out.append(
                 Norm(jnp.where(ok, m, degenerate.m), jnp.where(ok, _finish(s, ord), degenerate.r))
@@ -447,18 +577,23 @@ def _unit_pairs(
 
     @jax.custom_jvp
     def pairs(xs):
-        sums = [jnp.sum(_magnitude(x, ord, dtype), axis=a, keepdims=True) for x, a in zip(xs, axes)]
-        bad = []
-        for x, a, s in zip(xs, axes, sums):
-            n = math.prod(x.shape[i] for i in a)
-            bad.append(jnp.isinf(s) | ((s > 0) & (s < _underflow_floor(n, dtype))))
+        local = [
+            jnp.sum(_magnitude(x, ord, dtype), axis=a, keepdims=True) for x, a in zip(xs, axes)
+        ]
+        sums = grouped_collective(local, red_axes, lax.psum)
+        bad = [
+            jnp.isinf(s) | ((s > 0) & (s < _underflow_floor(n, dtype))) for s, n in zip(sums, sizes)
+        ]
         if zero_ok is None:
             bad = [b | (s == 0) for b, s in zip(bad, sums)]
         else:
-            bad = [b | ((s == 0) & ~ok) for b, s, ok in zip(bad, sums, zero_ok(sums, ord))]
-        bad = [jnp.any(b) for b in bad]
+            oks = zero_ok(sums, ord, sizes)
+            bad = [b | ((s == 0) & ~ok) for b, s, ok in zip(bad, sums, oks)]
+        any_bad = jnp.any(jnp.stack([jnp.any(b) for b in bad]))
+        if keep_union:  # units sharded over these axes differ per device: decide together
+            any_bad = lax.pmax(any_bad.astype(np.int32), keep_union) > 0
         return lax.cond(
-            jnp.any(jnp.stack(bad)),
+            any_bad,
             lambda: rescue(xs),
             lambda: [Norm(jnp.ones_like(s), _finish(s, ord)) for s in sums],
         )
@@ -467,35 +602,83 @@ def _unit_pairs(
     def pairs_jvp(primals, tangents):
         (xs,), (dxs,) = primals, tangents
         out = pairs(xs)
-        dout = []
-        for x, dx, a, o in zip(xs, dxs, axes, out):
-            dvalue = _tangent_partial(x, dx, o.m, ord, dtype, a)
-            dout.append(Norm(jnp.zeros_like(o.m), _tangent_r(dvalue, o, ord)))
+        local = [
+            _tangent_partial(x, dx, o.m, ord, dtype, a) for x, dx, a, o in zip(xs, dxs, axes, out)
+        ]
+        dvalues = grouped_collective(local, red_axes, lax.psum)
+        dout = [Norm(jnp.zeros_like(o.m), _tangent_r(dv, o, ord)) for o, dv in zip(out, dvalues)]
         return out, dout
 
     return pairs(list(leaves))
 
 
-def combine(units: Sequence[Norm], ord: Any) -> Norm:
-    """The norm over all units together (for ``ClipStats.norm`` of per-unit methods)."""
-    return _by_ord(ord, lambda o: _combine(units, o))
+def combine(units: Sequence[Norm], ord: Any, keep: Sequence[tuple[str, ...]] | None = None) -> Norm:
+    """The norm over all units together (for ``ClipStats.norm`` of per-unit methods).
+
+    ``keep[i]``: the mesh axes over which leaf i's units differ (its kept dimensions are
+    sharded there); those units are combined across the devices as well, each once.
+    """
+    return _by_ord(ord, lambda o: _combine_sharded(units, o, keep))
+
+
+def _combine_sharded(units, ord, keep) -> Norm:
+    if not keep or not any(keep):
+        return _combine(units, ord)
+    groups: dict[tuple[str, ...], list[Norm]] = {}
+    for u, k in zip(units, keep):
+        groups.setdefault(k, []).append(u)
+    parts = []
+    for k, members in groups.items():
+        local = _combine(members, ord)
+        parts.append(_across(local, ord, k) if k else local)
+    return _combine(parts, ord)
+
+
+def _across(norm: Norm, ord: float, axes: tuple[str, ...]) -> Norm:
+    """Combines one norm per device over the mesh ``axes`` (pivoting like :func:`_combine`)."""
+    m, r = norm
+    value = m * r
+    if ord == math.inf:
+        return _from_max(pmax(value, axes))
+    bad = (~(jnp.isfinite(m) & jnp.isfinite(r))).astype(m.dtype)
+    big, m_max, any_bad = pmax([value, m, bad], axes)
+    pivot = jnp.where(jnp.isinf(big) & (any_bad == 0), m_max, big)
+    ok = (pivot >= jnp.finfo(pivot.dtype).tiny) & jnp.isfinite(pivot)
+    ratio = times_inverse(m, jnp.where(ok, pivot, 1)) * r
+    s = lax.psum(ratio * ratio if ord == 2 else ratio, axes)
+    degenerate = _from_max(pivot)
+    return Norm(jnp.where(ok, pivot, degenerate.m), jnp.where(ok, _finish(s, ord), degenerate.r))
 
 
 def _combine(units: Sequence[Norm], ord: float) -> Norm:
-    flat = [(jnp.ravel(u.m), jnp.ravel(u.r)) for u in units]
-    if not flat:
+    if not units:
         return Norm(jnp.ones((), np.float32), jnp.zeros((), np.float32))
-    m = jnp.concatenate([a for a, _ in flat])
-    r = jnp.concatenate([b for _, b in flat])
-    vals = m * r
-    big = jnp.max(vals, initial=0)
+    # Single-unit norms are concatenated into one array; arrays of units (AGC) are reduced
+    # each on its own: concatenating them would tie their shardings together (a type error
+    # under explicit sharding; under GSPMD, a replicated leaf's output would pick up another
+    # leaf's sharding).
+    plain = [u for u in units if jnp.size(u.r) == 1]
+    chunks = [u for u in units if jnp.size(u.r) != 1]
+    if plain:
+        chunks.append(
+            Norm(
+                jnp.concatenate([jnp.ravel(u.m) for u in plain]),
+                jnp.concatenate([jnp.ravel(u.r) for u in plain]),
+            )
+        )
+    top = lambda xs: functools.reduce(jnp.maximum, xs)
+    big = top([jnp.max(c.m * c.r, initial=0) for c in chunks])
     if ord == math.inf:
         return _from_max(big)
     # When a unit's value overflowed (entries near the dtype's max), pivot on the largest m.
-    pivot = jnp.where(jnp.isinf(big) & jnp.all(jnp.isfinite(m) & jnp.isfinite(r)), jnp.max(m), big)
+    finite = functools.reduce(
+        jnp.logical_and, [jnp.all(jnp.isfinite(c.m) & jnp.isfinite(c.r)) for c in chunks]
+    )
+    m_max = top([jnp.max(c.m, initial=0) for c in chunks])
+    pivot = jnp.where(jnp.isinf(big) & finite, m_max, big)
     ok = (pivot >= jnp.finfo(pivot.dtype).tiny) & jnp.isfinite(pivot)
-    ratio = times_inverse(m, jnp.where(ok, pivot, 1)) * r
-    s = jnp.sum(ratio * ratio) if ord == 2 else jnp.sum(ratio)
+    ratios = [times_inverse(c.m, jnp.where(ok, pivot, 1)) * c.r for c in chunks]
+    s = sum(jnp.sum(x * x) if ord == 2 else jnp.sum(x) for x in ratios)
     degenerate = _from_max(pivot)
     return Norm(jnp.where(ok, pivot, degenerate.m), jnp.where(ok, _finish(s, ord), degenerate.r))
 

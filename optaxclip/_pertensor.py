@@ -57,6 +57,8 @@ def adagc(
     beta: Any = 0.99,
     warmup_steps: Any = 100,
     eps: Any = 1e-6,
+    axis_name: num.AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdaGC: per-tensor clipping relative to an EMA of each tensor's own clipped norms.
 
@@ -98,6 +100,10 @@ def adagc(
       beta: :math:`\beta \in [0, 1]`, the EMA decay (0.99).
       warmup_steps: :math:`T \ge 0`, the finite steps of global clipping (100).
       eps: :math:`\epsilon \ge 0`, the floor on :math:`\gamma_i` in the threshold.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf is sharded over;
+        each :math:`\nu_i` is then the whole (logical) tensor's norm, not the shard's.
+      partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` (or a prefix):
+        each leaf's partial sum is added over the mesh axes its spec names.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its :class:`AdaGCState` holds one
@@ -129,6 +135,7 @@ def adagc(
     check_in_range(beta, "beta", 0.0, 1.0)
     check_nonnegative(warmup_steps, "warmup_steps")
     check_nonnegative(eps, "eps")
+    num.check_sharding_args(axis_name, partition_specs)
 
     def init_fn(params):
         n = len(jax.tree.leaves(params))
@@ -158,10 +165,11 @@ def adagc(
         dtype = num.accum_dtype(leaves)
         floor = _f32(eps)
 
-        def zero_ok(sums, ord):  # every threshold is >= clip_ratio * eps: a 0 sum decides nothing
-            return [floor * _f32(clip_ratio) >= num.zero_bound(x.size, ord, dtype) for x in leaves]
+        def zero_ok(sums, ord, sizes):  # every threshold is >= clip_ratio * eps: 0 decides nothing
+            return [floor * _f32(clip_ratio) >= num.zero_bound(n, ord, dtype) for n in sizes]
 
-        norms = num.unit_pairs(leaves, 2, [None] * len(leaves), zero_ok=zero_ok)
+        mesh = num.leaf_meshes(leaves, updates, axis_name, partition_specs)
+        norms = num.unit_pairs(leaves, 2, [None] * len(leaves), zero_ok=zero_ok, mesh=mesh)
         total = num.combine(norms, 2)
         # Every per-leaf quantity as one vector over the leaves: a few kernels, not a few
         # per leaf (compile time grows with the number of kernels).
@@ -310,7 +318,9 @@ def spike_aware_clip(
 
     def init_fn(params):
         nu = jax.tree.map(
-            lambda p: jnp.zeros(jnp.shape(p), _nu_dtype(jnp.asarray(p), nu_dtype)), params
+            # zeros_like keeps the parameter's sharding (P-sized state sharded like it)
+            lambda p: jnp.zeros_like(p, dtype=_nu_dtype(jnp.asarray(p), nu_dtype)),
+            params,
         )
         return SpikeAwareClipState(stats=init_stats(), nu=nu, step=jnp.zeros((), np.int32))
 

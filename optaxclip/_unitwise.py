@@ -6,13 +6,13 @@ Without Normalization", ICML 2021 (NFNets).
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
@@ -51,7 +51,12 @@ class AdaptiveGradClipState(NamedTuple):
 
 
 def adaptive_grad_clip(
-    clipping: Any = 0.01, *, eps: Any = 1e-3, axis: Any = None
+    clipping: Any = 0.01,
+    *,
+    eps: Any = 1e-3,
+    axis: Any = None,
+    axis_name: num.AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Unit-wise adaptive gradient clipping (AGC): bounds each unit's gradient by its weights.
 
@@ -79,6 +84,14 @@ def adaptive_grad_clip(
         can still move.
       axis: an int or tuple of ints: the axes to reduce over in every leaf, instead of the
         rank-based default.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf (and parameter) is
+        sharded over along its first dimension (``P(axis_name)``); unit norms are then the
+        whole (logical) tensor's.
+      partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` for the updates
+        (the parameters are laid out the same way): a unit's partial sums are added over the
+        mesh axes that shard its reduced dimensions (row-parallel kernels); units split by a
+        kept dimension (column-parallel kernels) need no collective, and their statistics are
+        combined across the devices.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``; its
@@ -104,6 +117,7 @@ def adaptive_grad_clip(
     """
     check_threshold(clipping, "clipping")
     check_nonnegative(eps, "eps")
+    num.check_sharding_args(axis_name, partition_specs)
 
     def init_fn(params):
         del params
@@ -134,39 +148,57 @@ def adaptive_grad_clip(
                     f"adaptive_grad_clip: the update at '{path}' has shape {jnp.shape(g)} but "
                     f"its parameter has shape {p.shape}."
                 )
-        axes = [_unit_axes(jnp.shape(x), axis, path) for path, x in g_paths]
-        sizes = [math.prod(x.shape[i] for i in a) for x, a in zip(g_leaves, axes)]
+        mesh = num.leaf_meshes(g_leaves, updates, axis_name, partition_specs)
+        # Units follow the logical (whole-tensor) shape, not the shard's.
+        shapes = [jnp.shape(x) for x in g_leaves]
+        if mesh:
+            shapes = [
+                tuple(n * num.axis_product(a) for n, a in zip(shape, lm.dims))
+                for shape, lm in zip(shapes, mesh)
+            ]
+        axes = [_unit_axes(shape, axis, path) for shape, (path, _) in zip(shapes, g_paths)]
+        keep = [lm.split(a)[1] for lm, a in zip(mesh, axes)] if mesh else [()] * len(axes)
         dtype = num.accum_dtype(g_leaves + p_leaves)
         lam = num.resolve(clipping, state.stats.count, dtype)
         floor = jnp.asarray(eps).astype(dtype)
         n = len(g_leaves)
 
-        def zero_ok(sums, ord):
+        def zero_ok(sums, ord, sizes):
             # Units whose sum underflowed to exactly 0 skip the rescaled pass when no
             # decision can change: a weight norm below eps, a gradient norm below its bound.
-            ok_p = [floor >= num.zero_bound(k, ord, dtype) for k in sizes]
+            ok_p = [floor >= num.zero_bound(k, ord, dtype) for k in sizes[n:]]
             limits = [lam * jnp.maximum(jnp.sqrt(s), floor) for s in sums[n:]]
             ok_g = [lim >= num.zero_bound(k, ord, dtype) for lim, k in zip(limits, sizes)]
             return [jnp.broadcast_to(o, s.shape) for o, s in zip(ok_g + ok_p, sums)]
 
-        norms = num.unit_pairs(g_leaves + p_leaves, 2, axes + axes, zero_ok=zero_ok)
+        norms = num.unit_pairs(
+            g_leaves + p_leaves,
+            2,
+            axes + axes,
+            zero_ok=zero_ok,
+            mesh=None if mesh is None else mesh + mesh,
+        )
         g_norms, p_norms = norms[:n], norms[n:]
-        out, scales, n_clipped, n_units = [], [], [], 0
+        out, scales, n_clipped, n_units = [], [], [], []
         for x, g_norm, p_norm in zip(g_leaves, g_norms, p_norms):
             limit = lam * jnp.maximum(p_norm.value, floor)
             p, q, clipped = num.clip_factors(g_norm, limit)
             out.append(num.scale_leaf(x, p, q))
             scales.append(jnp.min(p * q, initial=1.0))
-            n_clipped.append(jnp.sum(clipped))
-            n_units += clipped.size
-        total = num.combine(g_norms, 2)
+            n_clipped.append(jnp.sum(clipped, dtype=np.int32))
+            n_units.append(clipped.size)
+        total = num.combine(g_norms, 2, keep)
+        # Units split over devices (kept dimensions sharded) are counted on every device.
+        n_clipped = num.grouped_collective(n_clipped, keep, lax.psum)
+        scales = num.grouped_collective(scales, keep, lax.pmin)
+        n_units = [k * num.axis_product(a) for k, a in zip(n_units, keep)]
         clipped_units = sum(n_clipped, jnp.zeros((), np.int32))
         stats = next_stats(
             state.stats,
             norm=total.value,
             threshold=jnp.nan,
             scale=jnp.min(jnp.stack(scales)) if scales else 1.0,
-            clipped=clipped_units / max(n_units, 1),
+            clipped=clipped_units / max(sum(n_units), 1),
             any_clipped=clipped_units > 0,
             nonfinite=~total.finite,
         )

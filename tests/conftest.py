@@ -5,7 +5,7 @@ import pytest
 
 # A script run in a subprocess with 8 simulated devices (test_distributed.py); importing it
 # here (doctest collection) would configure this process's JAX instead.
-collect_ignore = ["dist_worker.py"]
+collect_ignore = ["dist_worker.py", "dist_methods_worker.py"]
 
 
 @pytest.fixture(autouse=True)

@@ -168,6 +168,10 @@ TRANSFORMS: dict[str, Entry] = {
 # Public names that are not transformation factories.
 NOT_TRANSFORMS = {"global_norm", "leaf_norms", "stats"}
 
+# Transforms whose updates carry a leading batch axis (tested in test_per_example.py and the
+# distributed worker, not by the contract suite, whose updates have the parameters' shapes).
+BATCHED = {"per_example_clip"}
+
 
 def run_update(tx, updates, state, params=None, wrap=lambda f: f, **extra):
     """One ``tx.update`` call, optionally wrapped (jit)."""

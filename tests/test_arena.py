@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import BATCHED, NOT_TRANSFORMS
 
 import optaxclip as oc
 from optaxclip import arena
@@ -71,7 +72,7 @@ def test_methods_cover_every_clipper_in_the_package():
         for name in oc.__all__
         if callable(getattr(oc, name))
         and name[0].islower()
-        and name not in {"global_norm", "leaf_norms", "stats"} | guards_and_routing
+        and name not in NOT_TRANSFORMS | BATCHED | guards_and_routing
     }
     assert factories <= set(arena.METHODS)
     assert arena.METHODS["none"]() is None

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import DTYPES, TRANSFORMS, TREES, make_tree, params_like
+from helpers import BATCHED, DTYPES, NOT_TRANSFORMS, TRANSFORMS, TREES, make_tree, params_like
 
 import optaxclip as oc
 
@@ -33,8 +33,7 @@ def test_registry_covers_every_public_transform():
     factories = {
         name
         for name in oc.__all__
-        if inspect.isfunction(getattr(oc, name))
-        and name not in {"global_norm", "leaf_norms", "stats"}
+        if inspect.isfunction(getattr(oc, name)) and name not in NOT_TRANSFORMS | BATCHED
     }
     assert factories == set(TRANSFORMS)
 

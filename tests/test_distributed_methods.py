@@ -1,0 +1,99 @@
+"""Every method sharded five ways equals the unsharded run (8 simulated CPU devices).
+
+Modes: ``shard_map`` with ``partition_specs`` (a tree mixing row-, column- and fully-sharded
+leaves with replicated ones), ``shard_map`` with ``axis_name``, ``pmap``, and ``jax.jit`` with
+``NamedSharding`` inputs on meshes with ``AxisType.Auto`` and ``AxisType.Explicit`` axes. Each
+stream has a spike and a NaN confined to one device's shard. The work runs in two
+subprocesses (dist_methods_worker.py), so this process keeps its single device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed_methods")]
+
+WORKER = Path(__file__).with_name("dist_methods_worker.py")
+SHARD_MAP_MODES = ["partition_specs", "axis_name", "pmap"]
+GSPMD_MODES = ["gspmd_auto", "gspmd_explicit"]
+METHODS = [
+    "clip_by_value",
+    "clip_by_global_norm",
+    "clip_by_leaf_norm",
+    "clip_by_block_rms",
+    "adaptive_grad_clip",
+    "autoclip",
+    "autoclip_window",
+    "zclip",
+    "quantile_clip",
+    "adagc",
+    "spike_aware_clip",
+    "skip_nonfinite",
+    "zero_nonfinite",
+    "error_if_nonfinite",
+    "skip_spikes",
+    "per_example_clip",
+]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), *modes],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for modes in (SHARD_MAP_MODES, GSPMD_MODES)
+    ]
+    out: dict = {}
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-4000:]
+            out.update(json.loads(stdout))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return out
+
+
+def _result(results, method, mode) -> dict:
+    r = results[f"{method}/{mode}"]
+    assert "error" not in r, r.get("error")
+    return r
+
+
+@pytest.mark.parametrize("mode", SHARD_MAP_MODES + GSPMD_MODES)
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_equals_unsharded(results, method, mode):
+    r = _result(results, method, mode)
+    assert r["diff"] <= 1e-6, r  # updates, NaN where the reference has NaN
+    assert r["stat_diff"] <= 1e-6, r  # every ClipStats field, every step
+    if method != "error_if_nonfinite":  # its stream is finite: it must not raise
+        assert r["num_clipped"] > 0  # the stream does clip, so equality means something
+        assert r["num_nonfinite"] == 1  # the NaN on one shard was seen
+
+
+@pytest.mark.parametrize("mode", SHARD_MAP_MODES)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_shard_takes_the_same_decision(results, method, mode):
+    # ClipStats gathered from all 8 devices after every step: identical rows.
+    assert _result(results, method, mode)["same_on_every_shard"]
+
+
+@pytest.mark.parametrize("mode", GSPMD_MODES)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "per_example_clip"])
+def test_outputs_keep_the_input_sharding(results, method, mode):
+    # Updates (and spike_aware_clip's P-sized state) keep each leaf's NamedSharding.
+    assert _result(results, method, mode)["kept_sharding"]
