@@ -308,30 +308,58 @@ def axis_product(axes: tuple[str, ...]) -> int:
     return lax.psum(1, axes) if axes else 1
 
 
-def pmax(x: Any, axes: tuple[str, ...]) -> Any:
-    """``lax.pmax`` that propagates NaN (XLA's cross-device max may drop it), one collective.
+def packed(op: Callable, arrays: Sequence[jax.Array], axes: tuple[str, ...]) -> list[jax.Array]:
+    """``op`` of each of ``arrays`` over ``axes`` as one collective per dtype.
 
-    ``x`` is an array or a list of floating arrays.
+    The arrays (per-unit norms, counts: small) are flattened and concatenated first: a
+    collective of several operands is still one collective per operand.
     """
-    xs = x if isinstance(x, list) else [x]
-    nan = [jnp.isnan(v) for v in xs]
-    flags = [n.astype(v.dtype) for n, v in zip(nan, xs)]
-    clean = [jnp.where(n, jnp.asarray(-jnp.inf, v.dtype), v) for n, v in zip(nan, xs)]
-    out = lax.pmax(clean + flags, axes)
-    k = len(xs)
-    res = [jnp.where(f > 0, jnp.asarray(jnp.nan, v.dtype), v) for v, f in zip(out[:k], out[k:])]
-    return res if isinstance(x, list) else res[0]
+    out: list[Any] = [None] * len(arrays)
+    by_dtype: dict[Any, list[int]] = {}
+    for i, x in enumerate(arrays):
+        by_dtype.setdefault(jnp.result_type(x), []).append(i)
+    for idx in by_dtype.values():
+        flat = [jnp.ravel(arrays[i]) for i in idx]
+        result = op(flat[0] if len(flat) == 1 else jnp.concatenate(flat), axes)
+        start = 0
+        for i in idx:
+            size = jnp.size(arrays[i])
+            out[i] = result[start : start + size].reshape(jnp.shape(arrays[i]))
+            start += size
+    return out
+
+
+def _pmax_one(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    flat = jnp.ravel(x)
+    nan = jnp.isnan(flat)
+    clean = jnp.where(nan, jnp.asarray(-jnp.inf, flat.dtype), flat)
+    both = lax.pmax(jnp.concatenate([clean, nan.astype(flat.dtype)]), axes)
+    n = flat.size
+    return jnp.where(both[n:] > 0, jnp.nan, both[:n]).reshape(jnp.shape(x))
+
+
+def pmax(x: Any, axes: tuple[str, ...]) -> Any:
+    """``lax.pmax`` that propagates NaN (XLA's cross-device max may drop it).
+
+    ``x`` is a floating array or a list of them; one collective either way.
+    """
+    if isinstance(x, list):
+        return packed(_pmax_one, x, axes)
+    return _pmax_one(x, axes)
 
 
 def grouped_collective(arrays: Sequence[jax.Array], axes: Sequence[tuple[str, ...]], op):
-    """``op`` (``lax.psum``/``pmax``/``pmin``) of each array over its axes: one per axis set."""
+    """``op`` (``lax.psum``/``pmin``, or :func:`pmax`) of each array over its own mesh axes.
+
+    One collective per distinct axis set (and dtype), not one per array.
+    """
     out = list(arrays)
     groups: dict[tuple[str, ...], list[int]] = {}
     for i, a in enumerate(axes):
         if a:
             groups.setdefault(a, []).append(i)
     for a, idx in groups.items():
-        for i, r in zip(idx, op([arrays[i] for i in idx], a)):
+        for i, r in zip(idx, packed(op, [arrays[i] for i in idx], a)):
             out[i] = r
     return out
 
@@ -798,7 +826,9 @@ def global_norm(
     return global_pair(tree, ord, axis_name=axis_name, partition_specs=partition_specs).value
 
 
-def leaf_norms(tree: Any, ord: Any = 2) -> Any:
+def leaf_norms(
+    tree: Any, ord: Any = 2, *, axis_name: AxisName = None, partition_specs: Any = None
+) -> Any:
     r"""The norm of each leaf of ``tree``, with the same robust numerics as :func:`global_norm`.
 
     .. math::
@@ -807,6 +837,9 @@ def leaf_norms(tree: Any, ord: Any = 2) -> Any:
     Args:
       tree: a pytree of arrays.
       ord: 2 (default), 1 or inf.
+      axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf is sharded over:
+        each norm is then the whole (logical) tensor's, not the shard's.
+      partition_specs: instead, a pytree of ``PartitionSpec`` (or a prefix) per leaf.
 
     Returns:
       A pytree of the same structure with a float32 (float64) scalar per leaf.
@@ -819,7 +852,8 @@ def leaf_norms(tree: Any, ord: Any = 2) -> Any:
     ord = canonical_ord(ord)
     leaves, treedef = jax.tree.flatten(tree)
     leaves = [jnp.asarray(x) for x in leaves]
-    norms = unit_pairs(leaves, ord, [None] * len(leaves))
+    mesh = leaf_meshes(leaves, tree, axis_name, partition_specs)
+    norms = unit_pairs(leaves, ord, [None] * len(leaves), mesh=mesh)
     dtype = accum_dtype(leaves)
     values = [n.value.reshape(()).astype(dtype) for n in norms]
     return jax.tree.unflatten(treedef, values)

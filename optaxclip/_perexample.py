@@ -216,7 +216,7 @@ def per_example_clip(
             return total
 
         sums = [clip_and_reduce(x) for x in leaves]
-        if batch_axes:
+        if batch_axes:  # the data-parallel all-reduce of the gradient, one per leaf
             sums = lax.psum(sums, batch_axes)
         if reduce == "mean":
             sums = [s * jnp.asarray(1 / global_batch, s.real.dtype).astype(s.dtype) for s in sums]
@@ -233,7 +233,7 @@ def per_example_clip(
         ]
         smallest = jnp.min(f32(p * q))
         if batch_axes:
-            counts = lax.psum(counts, batch_axes)
+            counts = num.packed(lax.psum, counts, batch_axes)
             smallest = lax.pmin(smallest, batch_axes)
         norm_sum, n_clipped, n_unclipped, n_nonfinite = counts
         ok = n_nonfinite == 0

@@ -113,6 +113,14 @@ def main() -> None:
         0.0,
     ]
 
+    # leaf_norms: each leaf's logical norm, whatever its layout.
+    f = shard_map_2d(lambda u: oc.leaf_norms(u, partition_specs=SPECS_2D), SPECS_2D, out_specs=P())
+    sharded, reference = jax.jit(f)(t), oc.leaf_norms(t)
+    out["leaf_norms_max_rel_diff"] = [
+        max(float(abs(sharded[k] - reference[k]) / reference[k]) for k in t),
+        0.0,
+    ]
+
     # pmap with axis_name.
     x = jnp.asarray(np.random.default_rng(1).standard_normal((8, 6)), jnp.float32)
     pm = jax.pmap(lambda v: oc.global_norm({"v": v}, axis_name="i"), axis_name="i")(x)

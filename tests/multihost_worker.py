@@ -6,7 +6,7 @@
 N processes with D simulated CPU devices each join, through ``jax.distributed`` and gloo
 collectives, into one global mesh of N*D devices. A small MLP (weights sharded over the mesh,
 biases replicated) trains for a few steps under ``jit`` with each clipper, on global data that
-every process generates identically; one more run applies ``clip_by_global_norm`` with
+every process generates identically; three more runs apply each method with
 ``partition_specs`` inside ``jax.shard_map``. Process 0 writes the final params, the losses and
 ``oc.stats`` of each run with ``np.savez``. With ``--reference``, one process with one device
 runs the same training on plain arrays and writes the same keys.
@@ -32,7 +32,7 @@ METHODS = ("clip_by_global_norm", "zclip", "adagc")
 RUNS = (
     *(("auto", m, False) for m in METHODS),
     *(("explicit", m, False) for m in METHODS),
-    ("auto", "clip_by_global_norm", True),
+    *(("auto", m, True) for m in METHODS),
 )
 
 

@@ -51,6 +51,10 @@ def test_clip_inside_shard_map_uses_the_whole_model_norm(results):
     assert diff <= 1e-6
 
 
+def test_leaf_norms_are_the_logical_tensors(results):
+    assert results["leaf_norms_max_rel_diff"][0] <= 1e-6
+
+
 def test_pmap_norm_equals_unsharded_on_every_device(results):
     np.testing.assert_allclose(*results["pmap_norm"], rtol=1e-6)
     assert results["pmap_same_on_every_device"][0] == 0.0

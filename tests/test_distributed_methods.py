@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed_methods")]
 
 WORKER = Path(__file__).with_name("dist_methods_worker.py")
 SHARD_MAP_MODES = ["partition_specs", "axis_name", "pmap"]
+# Collective counts per method on a 100-leaf tree over 3 distinct axis sets (+ replicated).
+AXIS_SETS = 3
 GSPMD_MODES = ["gspmd_auto", "gspmd_explicit"]
 METHODS = [
     "clip_by_value",
@@ -53,7 +55,7 @@ def results() -> dict:
             text=True,
             env=env,
         )
-        for modes in (SHARD_MAP_MODES, GSPMD_MODES)
+        for modes in (["partition_specs", "axis_name", "collectives"], ["pmap", *GSPMD_MODES])
     ]
     out: dict = {}
     try:
@@ -95,5 +97,24 @@ def test_every_shard_takes_the_same_decision(results, method, mode):
 @pytest.mark.parametrize("mode", GSPMD_MODES)
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "per_example_clip"])
 def test_outputs_keep_the_input_sharding(results, method, mode):
-    # Updates (and spike_aware_clip's P-sized state) keep each leaf's NamedSharding.
+    # Updates (and spike_aware_clip's P-sized state) keep each leaf's NamedSharding; the
+    # scalar state (and AdaGC's per-leaf vector) is replicated.
     assert _result(results, method, mode)["kept_sharding"]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "per_example_clip"])
+def test_one_collective_per_distinct_axis_set(results, method):
+    r = _result(results, method, "collectives")
+    assert r["diff"] <= 1e-6  # clip_by_global_norm's 100-leaf sharded update is right
+    counts = r["counts"]
+    if method in ("clip_by_value", "spike_aware_clip"):
+        # element-wise clippers: the norm, and their element statistics (a sum, a max)
+        assert counts == {"psum": 2 * AXIS_SETS, "pmax": AXIS_SETS}
+    elif method == "adaptive_grad_clip":
+        # unit norms: one psum per axis set sharding a reduced dimension ("x" and ("x", "y")
+        # here: columns are the units); units of column-sharded leaves differ over "y", so
+        # the rescue decision (pmax) and the statistics over them are shared over "y": the
+        # norm (pmax + psum), the clipped count (psum), the smallest scale (pmin)
+        assert counts == {"psum": 2 + 2, "pmax": 1 + 1, "pmin": 1}
+    else:
+        assert counts == {"psum": AXIS_SETS}

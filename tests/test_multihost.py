@@ -2,7 +2,7 @@
 
 multihost_worker.py trains a small MLP (weights sharded over the global mesh, biases
 replicated) with each clipper under jit (Auto and Explicit mesh axes) and with
-clip_by_global_norm(partition_specs=...) inside shard_map. Every final param, loss and stat
+partition_specs=... inside shard_map. Every final param, loss and stat
 must equal a single-process, single-device run of the same training: the clippers see the
 true global norm across processes. The processes are started once per module.
 """
@@ -33,6 +33,8 @@ RUNS = [
     "explicit-zclip",
     "explicit-adagc",
     "shard_map-clip_by_global_norm",
+    "shard_map-zclip",
+    "shard_map-adagc",
 ]
 
 
