@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +188,31 @@ def enable_x64():
     from jax.experimental import enable_x64 as legacy  # JAX < 0.7
 
     return legacy(True)
+
+
+def once_per_session(tmp_path_factory, name: str, compute: Callable[[Path], object]):
+    """``compute(directory)``'s JSON-able result, computed once per test session.
+
+    Every pytest-xdist worker that asks gets the same stored result: the first one computes
+    it (the others wait on a file lock), so an expensive subprocess run (8 simulated devices,
+    several processes) is paid once, whichever workers its tests land on. A failure stores
+    nothing, so a worker asking later computes (and reports) it again.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    directory = root / f"shared-{name}"
+    directory.mkdir(exist_ok=True)
+    result = directory / "result.json"
+    with open(directory / "lock", "w") as lock:
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): each worker computes its own
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if result.exists():
+            return json.loads(result.read_text())
+        value = compute(directory)
+        result.write_text(json.dumps(value))
+        return value

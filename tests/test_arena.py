@@ -85,7 +85,7 @@ def test_methods_cover_every_clipper_in_the_package():
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adding_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("arena")
     result = arena.run(

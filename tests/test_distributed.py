@@ -14,12 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import once_per_session
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
+pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def results() -> dict:
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> dict:
+    return once_per_session(tmp_path_factory, "distributed", _run_worker)
+
+
+def _run_worker(directory) -> dict:
+    del directory
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("dist_worker.py"))],

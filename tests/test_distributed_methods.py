@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import once_per_session
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed_methods")]
+pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("dist_methods_worker.py")
 SHARD_MAP_MODES = ["partition_specs", "axis_name", "pmap"]
@@ -44,8 +45,13 @@ METHODS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def results() -> dict:
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> dict:
+    return once_per_session(tmp_path_factory, "distributed_methods", _run_workers)
+
+
+def _run_workers(directory) -> dict:
+    del directory
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen(

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import once_per_session
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
+pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 NUM_PROCESSES = 2
@@ -94,11 +95,18 @@ def load(path: Path) -> dict[str, np.ndarray]:
         return dict(f)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def results(tmp_path_factory) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(multi-process outputs, reference outputs), keyed "<run>|param|<name>" and so on."""
-    for attempt in range(2):  # a second port if another program took the first one meanwhile
-        tmp = tmp_path_factory.mktemp(f"multihost{attempt}")
+    paths = once_per_session(tmp_path_factory, "multihost", run_all)
+    return load(Path(paths["multi"])), load(Path(paths["reference"]))
+
+
+def run_all(directory: Path) -> dict[str, str]:
+    """Starts the processes (a second port if another program took the first meanwhile)."""
+    for attempt in range(2):
+        tmp = directory / f"attempt{attempt}"
+        tmp.mkdir(exist_ok=True)
         started = time.monotonic()
         status = launch(tmp, free_port())
         elapsed = time.monotonic() - started
@@ -113,7 +121,7 @@ def results(tmp_path_factory) -> tuple[dict[str, np.ndarray], dict[str, np.ndarr
         f"--- {name}: exit code {code}\n{tail(log)}" for name, (code, log) in status.items()
     )
     assert not failed, report
-    return load(tmp / "multi.npz"), load(tmp / "reference.npz")
+    return {"multi": str(tmp / "multi.npz"), "reference": str(tmp / "reference.npz")}
 
 
 def entries(outputs: dict[str, np.ndarray], run: str, kind: str) -> dict[str, np.ndarray]:
