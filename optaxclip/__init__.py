@@ -27,6 +27,7 @@ from optaxclip._fixed import (
     clip_by_leaf_norm,
     clip_by_value,
 )
+from optaxclip._groups import ClipByGroupNormState, clip_by_group_norm
 from optaxclip._guards import (
     ErrorIfNonfiniteState,
     SkipNonfiniteState,
@@ -37,6 +38,7 @@ from optaxclip._guards import (
     skip_spikes,
     zero_nonfinite,
 )
+from optaxclip._monitor import MonitorState, monitor
 from optaxclip._numerics import global_norm, leaf_norms
 from optaxclip._perexample import PerExampleClipState, per_example_clip
 from optaxclip._pertensor import AdaGCState, SpikeAwareClipState, adagc, spike_aware_clip
@@ -51,10 +53,12 @@ __all__ = [
     "AutoClipState",
     "ClipByBlockRmsState",
     "ClipByGlobalNormState",
+    "ClipByGroupNormState",
     "ClipByLeafNormState",
     "ClipByValueState",
     "ClipStats",
     "ErrorIfNonfiniteState",
+    "MonitorState",
     "PerExampleClipState",
     "PerLayerState",
     "QuantileClipState",
@@ -68,11 +72,13 @@ __all__ = [
     "autoclip",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "clip_by_group_norm",
     "clip_by_leaf_norm",
     "clip_by_value",
     "error_if_nonfinite",
     "global_norm",
     "leaf_norms",
+    "monitor",
     "per_example_clip",
     "per_layer",
     "quantile_clip",

@@ -17,7 +17,7 @@ import optax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
-from optaxclip._tree import check_threshold
+from optaxclip._tree import check_threshold, stacked_counts
 
 Threshold = float | jax.Array | optax.Schedule
 
@@ -218,40 +218,40 @@ def clip_by_global_norm(
 # ---------------------------------------------------------------------------
 
 
-def _per_leaf_update(updates, state, limit_of, ord, threshold, axis_name, partition_specs):
-    """Clips each leaf to ``limit_of(size, dtype)``; returns the updates and the new stats.
+def _per_leaf_update(updates, state, limit_of, ord, threshold, sharding, stacked_axes, name):
+    """Clips each leaf (or stacked slice) to ``limit_of(size, dtype)``; the updates and stats.
 
-    ``size`` is the leaf's logical number of entries (all shards together).
+    ``size`` is the logical number of entries of one slice (all shards together).
     """
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(x) for x in leaves]
     dtype = num.accum_dtype(leaves)
-    mesh = num.leaf_meshes(leaves, updates, axis_name, partition_specs)
+    stacked = stacked_counts(updates, stacked_axes, name)
+    axes = [tuple(range(k, x.ndim)) for k, x in zip(stacked, leaves)]
+    mesh = num.leaf_meshes(leaves, updates, *sharding)
+    splits = [lm.split(a) for lm, a in zip(mesh, axes)] if mesh else [((), ())] * len(leaves)
     sizes = [
-        x.size * (num.axis_product(lm.split(range(x.ndim))[0]) if mesh else 1)
-        for x, lm in zip(leaves, mesh or [None] * len(leaves))
+        math.prod(x.shape[k:]) * num.axis_product(r)
+        for x, k, (r, _) in zip(leaves, stacked, splits)
     ]
     limits = [limit_of(n, dtype) for n in sizes]
 
     def zero_ok(sums, ord, sizes):
-        # A leaf whose sum underflowed to 0 has a norm below zero_bound: no clip can change.
+        # A slice whose sum underflowed to 0 has a norm below zero_bound: no clip can change.
         return [lim >= num.zero_bound(n, ord, dtype) for n, lim in zip(sizes, limits)]
 
-    norms = num.unit_pairs(leaves, ord, [None] * len(leaves), zero_ok=zero_ok, mesh=mesh)
-    out, scales, clipped = [], [], []
-    for x, norm, limit in zip(leaves, norms, limits):
-        p, q, c = num.clip_factors(norm, limit)
-        out.append(num.scale_leaf(x, p, q))
-        scales.append(jnp.min(p * q))
-        clipped.append(jnp.any(c))
-    n_clipped = jnp.sum(jnp.stack(clipped)) if clipped else jnp.zeros((), np.int32)
-    total = num.combine(norms, ord)
+    norms = num.unit_pairs(leaves, ord, axes, zero_ok=zero_ok, mesh=mesh)
+    factors = [num.clip_factors(norm, limit) for norm, limit in zip(norms, limits)]
+    out = [num.scale_leaf(x, p, q) for x, (p, q, _) in zip(leaves, factors)]
+    total, scale, n_clipped, n_units = num.summarize_units(
+        norms, factors, ord, [k for _, k in splits]
+    )
     stats = next_stats(
         state.stats,
         norm=total.value,
         threshold=threshold(dtype),
-        scale=jnp.min(jnp.stack(scales)) if scales else 1.0,
-        clipped=n_clipped / max(len(leaves), 1),
+        scale=scale,
+        clipped=n_clipped / max(n_units, 1),
         any_clipped=n_clipped > 0,
         nonfinite=~total.finite,
     )
@@ -269,6 +269,7 @@ def clip_by_leaf_norm(
     max_norm: Threshold,
     *,
     ord: Any = 2,
+    stacked_axes: Any = None,
     axis_name: num.AxisName = None,
     partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -284,6 +285,10 @@ def clip_by_leaf_norm(
     Args:
       max_norm: the threshold :math:`c \ge 0` (float, scalar array or schedule).
       ord: 2 (default), 1 or inf.
+      stacked_axes: layers stacked by ``nnx.scan``/``nn.scan``: how many leading axes of a
+        leaf index layers, as an int for every leaf, a pytree prefix of ``None | int``, or a
+        callable of the ``/``-joined leaf path; each slice is then clipped as its own tensor
+        (``stacked_axes=1`` on an ``(L, n, m)`` kernel acts as L separate ``(n, m)`` leaves).
       axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf is sharded over;
         each leaf's norm is then the whole (logical) tensor's, not the shard's.
       partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` (or a prefix):
@@ -291,7 +296,8 @@ def clip_by_leaf_norm(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state holds a :class:`ClipStats`
-      (O(1) scalars). ``clipped`` is the fraction of leaves clipped; ``norm`` the global norm.
+      (O(1) scalars). ``clipped`` is the fraction of leaves (slices) clipped; ``norm`` the
+      global norm.
 
     Raises:
       ValueError: ``max_norm`` negative, NaN or not a scalar; ``ord`` not 1, 2 or inf.
@@ -320,8 +326,9 @@ def clip_by_leaf_norm(
             lambda n, dtype: num.resolve(max_norm, count, dtype),
             ord,
             lambda dtype: num.resolve(max_norm, count, dtype),
-            axis_name,
-            partition_specs,
+            (axis_name, partition_specs),
+            stacked_axes,
+            "clip_by_leaf_norm",
         )
         return updates, ClipByLeafNormState(stats=stats)
 
@@ -336,7 +343,11 @@ class ClipByBlockRmsState(NamedTuple):
 
 
 def clip_by_block_rms(
-    max_rms: Threshold, *, axis_name: num.AxisName = None, partition_specs: Any = None
+    max_rms: Threshold,
+    *,
+    stacked_axes: Any = None,
+    axis_name: num.AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scales each leaf (block) so its root-mean-square is at most ``max_rms``.
 
@@ -350,6 +361,8 @@ def clip_by_block_rms(
 
     Args:
       max_rms: the threshold :math:`c \ge 0` (float, scalar array or schedule).
+      stacked_axes: how many leading axes index stacked layers (an int, a pytree prefix of
+        ``None | int`` or a callable of the leaf path): each slice is its own block.
       axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf is sharded over;
         each block's RMS is then the whole (logical) tensor's, not the shard's.
       partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` (or a prefix).
@@ -385,8 +398,9 @@ def clip_by_block_rms(
             lambda n, dtype: num.resolve(max_rms, count, dtype) * math.sqrt(n),
             2,
             lambda dtype: num.resolve(max_rms, count, dtype),
-            axis_name,
-            partition_specs,
+            (axis_name, partition_specs),
+            stacked_axes,
+            "clip_by_block_rms",
         )
         return updates, ClipByBlockRmsState(stats=stats)
 

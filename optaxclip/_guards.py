@@ -47,6 +47,17 @@ def _gated(ok, updates, inner_state, inner, params, extra_args):
     return updates, inner_state
 
 
+def _sharing(update_fn):
+    """``update_fn`` run in a norm-sharing scope: the guard and the clippers of its ``inner``
+    read each leaf once (see :func:`optaxclip._numerics.sharing_norms`)."""
+
+    def update(updates, state, params=None, **extra_args):
+        with num.sharing_norms():
+            return update_fn(updates, state, params, **extra_args)
+
+    return update
+
+
 def _skip_stats(prev: ClipStats, norm: num.Norm, skip, threshold) -> ClipStats:
     return next_stats(
         prev,
@@ -128,7 +139,7 @@ def skip_nonfinite(
         stats = _skip_stats(state.stats, norm, ~ok, jnp.inf)
         return updates, SkipNonfiniteState(stats=stats, inner_state=inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _sharing(update_fn))
 
 
 # ---------------------------------------------------------------------------
@@ -455,4 +466,4 @@ def skip_spikes(
             inner_state=inner_state,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, _sharing(update_fn))

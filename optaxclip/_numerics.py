@@ -14,6 +14,8 @@ derived from the pair so a clipped update keeps its direction on every finite in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -447,6 +449,77 @@ class Reducer:
 
 
 # ---------------------------------------------------------------------------
+# One norm per step: sharing within a scope
+# ---------------------------------------------------------------------------
+
+# Entries (kind, leaves, settings, exact, value) of the innermost sharing scope, or None.
+_SHARED: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "optaxclip_shared_norms", default=None
+)
+
+
+@contextlib.contextmanager
+def sharing_norms():
+    """Within this scope, norms of the very same leaves (by identity) are computed once.
+
+    The guards open it around their inner transformation, so ``skip_spikes(optax.chain(
+    zclip(...), optax.adamw(...)))`` reads each gradient leaf once per step: the clipper gets
+    the guard's norm back (``optax.chain`` hands its first transformation the very arrays it
+    received). Leaves are matched by identity, so an update changed on the way (by another
+    transformation) is measured anew. Scopes nest; the outermost one holds the entries.
+    """
+    if _SHARED.get() is not None:
+        yield
+        return
+    token = _SHARED.set([])
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (jax.Array, jax.core.Tracer)) or isinstance(b, (jax.Array, jax.core.Tracer)):
+        return a is b
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # settings that do not compare (arrays inside a pytree): not shared
+        return False
+
+
+def shared(kind: str, leaves: Sequence[Any], settings: tuple, compute: Callable, exact=True):
+    """``compute()``, or the value an earlier call in this scope got for the same leaves.
+
+    ``exact=False`` marks a value a caller may not reuse unless it also passes
+    ``exact=False`` (per-unit norms whose exactly-zero sums skipped the rescue pass).
+    """
+    entries = _SHARED.get()
+    if entries is None:
+        return compute()
+    for k, ls, st, ex, value in entries:
+        if (
+            k == kind
+            and (ex or not exact)
+            and len(ls) == len(leaves)
+            and all(a is b for a, b in zip(ls, leaves))
+            and _same(st, settings)
+        ):
+            return value
+    value = compute()
+    entries.append((kind, list(leaves), settings, exact, value))
+    return value
+
+
+def offer(kind: str, leaves: Sequence[Any], settings: tuple, value: Any) -> None:
+    """Records ``value`` for later :func:`shared` calls in this scope (if any)."""
+    entries = _SHARED.get()
+    if entries is not None:
+        entries.append((kind, list(leaves), settings, True, value))
+
+
+# ---------------------------------------------------------------------------
 # Global norm
 # ---------------------------------------------------------------------------
 
@@ -536,7 +609,13 @@ def unit_pairs(
     mesh: Sequence[LeafMesh] | None = None,
 ) -> list[Norm]:
     """Norms of each unit (``keepdims`` arrays); see :func:`_unit_pairs`."""
-    return _by_ord(ord, lambda o: _unit_pairs(leaves, o, axes, zero_ok=zero_ok, mesh=mesh))
+    return shared(
+        "units",
+        leaves,
+        (ord, tuple(axes), None if mesh is None else tuple(mesh)),
+        lambda: _by_ord(ord, lambda o: _unit_pairs(leaves, o, axes, zero_ok=zero_ok, mesh=mesh)),
+        exact=zero_ok is None,
+    )
 
 
 def _unit_pairs(
@@ -711,6 +790,28 @@ def _combine(units: Sequence[Norm], ord: float) -> Norm:
     return Norm(jnp.where(ok, pivot, degenerate.m), jnp.where(ok, _finish(s, ord), degenerate.r))
 
 
+def summarize_units(
+    norms: Sequence[Norm],
+    factors: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
+    ord: Any,
+    keep: Sequence[tuple[str, ...]],
+) -> tuple[Norm, jax.Array, jax.Array, int | jax.Array]:
+    """What a per-unit clipper did, each unit counted once across the devices.
+
+    ``factors[i]`` is :func:`clip_factors`' ``(p, q, clipped)`` for leaf i's units, and
+    ``keep[i]`` the mesh axes over which those units differ (see :func:`combine`). Returns
+    the norm over all units, the smallest factor, the number of units clipped and of units.
+    """
+    total = combine(norms, ord, keep)
+    scales = [jnp.min(p * q, initial=1.0) for p, q, _ in factors]
+    clipped = [jnp.sum(c, dtype=np.int32) for _, _, c in factors]
+    clipped = grouped_collective(clipped, keep, lax.psum)
+    scales = grouped_collective(scales, keep, lax.pmin)
+    units = sum(c.size * axis_product(k) for (_, _, c), k in zip(factors, keep))
+    smallest = functools.reduce(jnp.minimum, scales) if scales else jnp.ones((), np.float32)
+    return total, smallest, sum(clipped, jnp.zeros((), np.int32)), units
+
+
 # ---------------------------------------------------------------------------
 # Clipping factors
 # ---------------------------------------------------------------------------
@@ -771,12 +872,17 @@ def global_pair(
     tree: Any, ord: float = 2, *, axis_name: AxisName = None, partition_specs: Any = None
 ) -> Norm:
     """The global norm of ``tree`` as a pair (internal entry point for the clippers)."""
-    reducer = Reducer.build(tree, axis_name, partition_specs)
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
-    dtype = accum_dtype(leaves)
-    if not leaves:
-        return Norm(jnp.ones((), dtype), jnp.zeros((), dtype))
-    return _by_ord(ord, lambda o: _global_pair(leaves, o, reducer, dtype))
+    raw = jax.tree.leaves(tree)
+
+    def compute() -> Norm:
+        reducer = Reducer.build(tree, axis_name, partition_specs)
+        leaves = [jnp.asarray(x) for x in raw]
+        dtype = accum_dtype(leaves)
+        if not leaves:
+            return Norm(jnp.ones((), dtype), jnp.zeros((), dtype))
+        return _by_ord(ord, lambda o: _global_pair(leaves, o, reducer, dtype))
+
+    return shared("global", raw, (ord, axis_name, partition_specs), compute)
 
 
 def global_norm(

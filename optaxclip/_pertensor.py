@@ -7,6 +7,7 @@ Momentum Reset for Stable LLM Training" (coordinate-wise spike clipping).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -16,7 +17,13 @@ import optax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
-from optaxclip._tree import check_in_range, check_nonnegative, check_positive, check_threshold
+from optaxclip._tree import (
+    check_in_range,
+    check_nonnegative,
+    check_positive,
+    check_threshold,
+    stacked_counts,
+)
 
 _F32 = np.float32
 
@@ -24,11 +31,12 @@ _F32 = np.float32
 _f32 = num.as_f32
 
 
-def _check_leaf_count(leaves: list, expected: int, name: str) -> None:
-    if len(leaves) != expected:
+def _check_leaf_count(found: int, expected: int, name: str) -> None:
+    if found != expected:
         raise ValueError(
-            f"{name}: the updates have {len(leaves)} leaves but the state was initialised "
-            f"for {expected}; call `init` with parameters of the same structure as the updates."
+            f"{name}: the updates hold {found} tensors (leaves, or stacked slices) but the state "
+            f"was initialised for {expected}; call `init` with parameters of the same structure "
+            "as the updates."
         )
 
 
@@ -57,6 +65,7 @@ def adagc(
     beta: Any = 0.99,
     warmup_steps: Any = 100,
     eps: Any = 1e-6,
+    stacked_axes: Any = None,
     axis_name: num.AxisName = None,
     partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -100,6 +109,10 @@ def adagc(
       beta: :math:`\beta \in [0, 1]`, the EMA decay (0.99).
       warmup_steps: :math:`T \ge 0`, the finite steps of global clipping (100).
       eps: :math:`\epsilon \ge 0`, the floor on :math:`\gamma_i` in the threshold.
+      stacked_axes: how many leading axes of a leaf index stacked layers (``nnx.scan`` /
+        ``nn.scan``): an int, a pytree prefix of ``None | int`` or a callable of the leaf
+        path. Each slice is then a tensor of its own, with its own :math:`\gamma` (the state
+        holds one float32 per slice); give ``init`` the same tree as ``update``.
       axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf is sharded over;
         each :math:`\nu_i` is then the whole (logical) tensor's norm, not the shard's.
       partition_specs: inside ``shard_map``, a pytree of ``PartitionSpec`` (or a prefix):
@@ -137,8 +150,13 @@ def adagc(
     check_nonnegative(eps, "eps")
     num.check_sharding_args(axis_name, partition_specs)
 
+    def slices(tree) -> list[int]:
+        """How many tensors (stacked slices) each leaf holds."""
+        counts = stacked_counts(tree, stacked_axes, "adagc")
+        return [math.prod(jnp.shape(x)[:k]) for x, k in zip(jax.tree.leaves(tree), counts)]
+
     def init_fn(params):
-        n = len(jax.tree.leaves(params))
+        n = sum(slices(params))
         return AdaGCState(
             stats=init_stats(),
             gamma=jnp.full((n,), np.inf, _F32),
@@ -149,7 +167,7 @@ def adagc(
         del params, extra_args
         leaves, treedef = jax.tree.flatten(updates)
         leaves = [jnp.asarray(x) for x in leaves]
-        _check_leaf_count(leaves, state.gamma.shape[0], "adagc")
+        _check_leaf_count(sum(slices(updates)), state.gamma.shape[0], "adagc")
         if not leaves:
             return updates, state._replace(
                 stats=next_stats(
@@ -169,14 +187,23 @@ def adagc(
             return [floor * _f32(clip_ratio) >= num.zero_bound(n, ord, dtype) for n in sizes]
 
         mesh = num.leaf_meshes(leaves, updates, axis_name, partition_specs)
-        norms = num.unit_pairs(leaves, 2, [None] * len(leaves), zero_ok=zero_ok, mesh=mesh)
+        stacked = stacked_counts(updates, stacked_axes, "adagc")
+        axes = [tuple(range(k, x.ndim)) for k, x in zip(stacked, leaves)]
+        if mesh and any(lm.split(a)[1] for lm, a in zip(mesh, axes)):
+            raise ValueError(
+                "adagc: a stacked (layer) axis is sharded across devices in `partition_specs`; "
+                "AdaGC keeps one threshold per layer on every device, so shard the layers' own "
+                "dimensions instead (or use jax.jit with NamedSharding, which needs no specs)."
+            )
+        norms = num.unit_pairs(leaves, 2, axes, zero_ok=zero_ok, mesh=mesh)
         total = num.combine(norms, 2)
-        # Every per-leaf quantity as one vector over the leaves: a few kernels, not a few
+        # Every per-slice quantity as one vector over the slices: a few kernels, not a few
         # per leaf (compile time grows with the number of kernels).
         per_leaf = num.Norm(
-            jnp.stack([n.m.reshape(()) for n in norms]),
-            jnp.stack([n.r.reshape(()) for n in norms]),
+            jnp.concatenate([jnp.ravel(n.m) for n in norms]),
+            jnp.concatenate([jnp.ravel(n.r) for n in norms]),
         )
+        offsets = np.cumsum([0] + [math.prod(x.shape[:k]) for x, k in zip(leaves, stacked)])
         value = _f32(total.value)
         ok = total.finite & jnp.isfinite(value)
         step = state.step + 1
@@ -197,7 +224,14 @@ def adagc(
 
         p = jnp.where(total.finite, jnp.where(warming, gp, lp), 1)
         q = jnp.where(total.finite, jnp.where(warming, gq, lq), 1)
-        out = [num.scale_leaf(x, p[i], q[i]) for i, x in enumerate(leaves)]
+
+        def part(v, i, x, k):  # leaf i's slices of a per-slice vector, shaped to broadcast
+            return v[offsets[i] : offsets[i + 1]].reshape(x.shape[:k] + (1,) * (x.ndim - k))
+
+        out = [
+            num.scale_leaf(x, part(p, i, x, k), part(q, i, x, k))
+            for i, (x, k) in enumerate(zip(leaves, stacked))
+        ]
         clipped = jnp.where(warming, g_clipped, leaf_clipped) & total.finite
         new_gamma = jnp.where(warming, warm_gamma, ema_gamma)
         stats = next_stats(

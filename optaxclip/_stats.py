@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optaxclip._tree import leaves_with_paths
+
 
 class ClipStats(NamedTuple):
     """What a clipping transformation did on its last step, and counts over all steps.
@@ -85,7 +87,17 @@ def named_state(name: str):
 
 
 def _is_named_state(x: Any) -> bool:
-    return type(x) in _STATE_NAMES and hasattr(x, "stats")
+    return type(x) in _STATE_NAMES and (hasattr(x, "stats") or hasattr(x, "leaf_norms"))
+
+
+def _fields(state: Any) -> dict[str, Any]:
+    """The ``stats`` entries of a named state: its ClipStats, or a monitor's norms by path."""
+    if hasattr(state, "stats"):
+        return state.stats._asdict()
+    fields = {"norm": state.norm, "count": state.count}
+    if state.leaf_norms is not None:
+        fields.update(leaves_with_paths(state.leaf_norms))
+    return fields
 
 
 def _array(x: Any) -> jax.Array:
@@ -96,9 +108,11 @@ def _array(x: Any) -> jax.Array:
     return leaf
 
 
-def _collect(node: Any, found: list[tuple[str, ClipStats]]) -> None:
+def _collect(node: Any, found: list[tuple[str, dict[str, Any]]]) -> None:
     if _is_named_state(node):
-        found.append((_STATE_NAMES[type(node)], node.stats))
+        found.append((_STATE_NAMES[type(node)], _fields(node)))
+        if not hasattr(node, "stats"):
+            return
         children = [v for k, v in node._asdict().items() if k != "stats"]
         for child in children:
             _collect(child, found)
@@ -110,6 +124,9 @@ def _collect(node: Any, found: list[tuple[str, ClipStats]]) -> None:
 
 def stats(state: Any) -> dict[str, jax.Array]:
     """Every ``ClipStats`` in an optimizer state, as a flat dict ready for a logger.
+
+    Also holds what a :func:`monitor` recorded: ``"monitor/norm"`` and, with
+    ``per_leaf=True``, ``"monitor/<leaf path>"``.
 
     Looks through ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
     ``optax.masked``, ``optax.multi_transform``, :func:`per_layer`, the guards' inner states
@@ -135,14 +152,14 @@ def stats(state: Any) -> dict[str, jax.Array]:
     """
     if hasattr(state, "opt_state") and hasattr(state, "tx"):  # flax nnx.Optimizer
         state = state.opt_state
-    found: list[tuple[str, ClipStats]] = []
+    found: list[tuple[str, dict[str, Any]]] = []
     _collect(state, found)
     seen: dict[str, int] = {}
     out: dict[str, jax.Array] = {}
-    for name, clip_stats in found:
+    for name, fields in found:
         k = seen.get(name, 0)
         seen[name] = k + 1
         prefix = name if k == 0 else f"{name}_{k}"
-        for field, value in clip_stats._asdict().items():
+        for field, value in fields.items():
             out[f"{prefix}/{field}"] = _array(value)
     return out

@@ -137,3 +137,52 @@ def compile_regex(pattern: Any, name: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as e:
         raise ValueError(f"`{name}` has an invalid regex {pattern!r}: {e}.") from None
+
+
+# ---------------------------------------------------------------------------
+# Stacked layers
+# ---------------------------------------------------------------------------
+
+
+def stacked_counts(tree: Any, stacked_axes: Any, name: str) -> list[int]:
+    """How many leading axes of each leaf index stacked layers (``nnx.scan`` / ``nn.scan``).
+
+    ``stacked_axes`` is None (none anywhere), an int (every leaf), a pytree prefix of the
+    updates with ``None | int`` leaves, or a callable of the ``/``-joined leaf path returning
+    ``None | int``.
+    """
+    paths = leaves_with_paths(tree)
+    if stacked_axes is None:
+        return [0] * len(paths)
+    if callable(stacked_axes):
+        counts = [stacked_axes(path) for path, _ in paths]
+    else:
+        is_leaf = lambda s: s is None or isinstance(s, (int, np.integer))
+        try:
+            full = jax.tree.map(
+                lambda k, sub: jax.tree.map(lambda _: (k,), sub),
+                stacked_axes,
+                tree,
+                is_leaf=is_leaf,
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"{name}: `stacked_axes` must be None, an int, a callable of the leaf path, or "
+                f"a pytree prefix of the updates with None/int leaves; {e}"
+            ) from None
+        counts = [k for (k,) in jax.tree.structure(tree).flatten_up_to(full)]
+    out = []
+    for (path, x), k in zip(paths, counts):
+        k = 0 if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise TypeError(
+                f"{name}: `stacked_axes` must give None or an int >= 0 for each leaf; got {k!r} "
+                f"for '{path}'."
+            )
+        if k > jnp.ndim(x):
+            raise ValueError(
+                f"{name}: `stacked_axes` says the leaf '{path}' of shape {jnp.shape(x)} has {k} "
+                f"stacked (layer) axes, but it has only {jnp.ndim(x)} dimensions."
+            )
+        out.append(int(k))
+    return out

@@ -10,13 +10,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax import lax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
-from optaxclip._tree import check_nonnegative, check_threshold, leaves_with_paths
+from optaxclip._tree import (
+    check_nonnegative,
+    check_threshold,
+    leaves_with_paths,
+    stacked_counts,
+)
 
 
 def _unit_axes(shape: tuple[int, ...], axis: Any, path: str) -> tuple[int, ...]:
@@ -55,6 +58,7 @@ def adaptive_grad_clip(
     *,
     eps: Any = 1e-3,
     axis: Any = None,
+    stacked_axes: Any = None,
     axis_name: num.AxisName = None,
     partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -84,6 +88,12 @@ def adaptive_grad_clip(
         can still move.
       axis: an int or tuple of ints: the axes to reduce over in every leaf, instead of the
         rank-based default.
+      stacked_axes: how many leading axes of a leaf index stacked layers (``nnx.scan`` /
+        ``nn.scan``): an int, a pytree prefix of ``None | int`` or a callable of the leaf
+        path. Units are then found in each layer's slice (``stacked_axes=1`` on an
+        ``(L, n, m)`` kernel acts as L separate ``(n, m)`` kernels, one unit per column of
+        each), where the default would take ``(L, n, m)`` for a multi-head kernel and
+        reduce over the layers. ``axis=`` counts the slice's axes.
       axis_name: inside ``shard_map``/``pmap``, the mesh axes every leaf (and parameter) is
         sharded over along its first dimension (``P(axis_name)``); unit norms are then the
         whole (logical) tensor's.
@@ -156,7 +166,11 @@ def adaptive_grad_clip(
                 tuple(n * num.axis_product(a) for n, a in zip(shape, lm.dims))
                 for shape, lm in zip(shapes, mesh)
             ]
-        axes = [_unit_axes(shape, axis, path) for shape, (path, _) in zip(shapes, g_paths)]
+        stacked = stacked_counts(updates, stacked_axes, "adaptive_grad_clip")
+        axes = [
+            tuple(k + a for a in _unit_axes(shape[k:], axis, path))
+            for shape, k, (path, _) in zip(shapes, stacked, g_paths)
+        ]
         keep = [lm.split(a)[1] for lm, a in zip(mesh, axes)] if mesh else [()] * len(axes)
         dtype = num.accum_dtype(g_leaves + p_leaves)
         lam = num.resolve(clipping, state.stats.count, dtype)
@@ -179,26 +193,19 @@ def adaptive_grad_clip(
             mesh=None if mesh is None else mesh + mesh,
         )
         g_norms, p_norms = norms[:n], norms[n:]
-        out, scales, n_clipped, n_units = [], [], [], []
-        for x, g_norm, p_norm in zip(g_leaves, g_norms, p_norms):
-            limit = lam * jnp.maximum(p_norm.value, floor)
-            p, q, clipped = num.clip_factors(g_norm, limit)
-            out.append(num.scale_leaf(x, p, q))
-            scales.append(jnp.min(p * q, initial=1.0))
-            n_clipped.append(jnp.sum(clipped, dtype=np.int32))
-            n_units.append(clipped.size)
-        total = num.combine(g_norms, 2, keep)
-        # Units split over devices (kept dimensions sharded) are counted on every device.
-        n_clipped = num.grouped_collective(n_clipped, keep, lax.psum)
-        scales = num.grouped_collective(scales, keep, lax.pmin)
-        n_units = [k * num.axis_product(a) for k, a in zip(n_units, keep)]
-        clipped_units = sum(n_clipped, jnp.zeros((), np.int32))
+        factors = [
+            num.clip_factors(g_norm, lam * jnp.maximum(p_norm.value, floor))
+            for g_norm, p_norm in zip(g_norms, p_norms)
+        ]
+        out = [num.scale_leaf(x, p, q) for x, (p, q, _) in zip(g_leaves, factors)]
+        # Units split over devices (kept dimensions sharded) are counted once.
+        total, scale, clipped_units, n_units = num.summarize_units(g_norms, factors, 2, keep)
         stats = next_stats(
             state.stats,
             norm=total.value,
             threshold=jnp.nan,
-            scale=jnp.min(jnp.stack(scales)) if scales else 1.0,
-            clipped=clipped_units / max(sum(n_units), 1),
+            scale=scale,
+            clipped=clipped_units / max(n_units, 1),
             any_clipped=clipped_units > 0,
             nonfinite=~total.finite,
         )

@@ -97,6 +97,16 @@ METHODS = {
     "zero_nonfinite": (lambda **kw: oc.zero_nonfinite(**kw), False, True),
     "error_if_nonfinite": (lambda **kw: oc.error_if_nonfinite(**kw), False, False),
     "skip_spikes": (lambda **kw: oc.skip_spikes(window=4, warmup_steps=3, **kw), False, True),
+    "clip_by_group_norm": (
+        lambda **kw: oc.clip_by_group_norm(
+            lambda path: "a" if path in ("kernel", "rows", "deep") else "b",
+            {"a": 3.0, "b": 1.0},
+            **kw,
+        ),
+        False,
+        True,
+    ),
+    "monitor": (lambda **kw: oc.monitor(per_leaf=True, **kw), False, True),
 }
 
 
@@ -162,12 +172,13 @@ def _reference_run(make, shapes, needs_params, nan):
 
 
 def compare(outs, stats, ref_outs, ref_stats, every_shard=None, kept=None) -> dict:
+    last = ref_stats[-1]
     result = {
         "diff": max(tree_diff(a, b) for a, b in zip(outs, ref_outs)),
         "stat_diff": max(nan_aware_diff(s[k], r[k]) for s, r in zip(stats, ref_stats) for k in r),
-        "num_clipped": max(int(v) for k, v in ref_stats[-1].items() if k.endswith("/num_clipped")),
+        "num_clipped": max([int(v) for k, v in last.items() if k.endswith("/num_clipped")] + [0]),
         "num_nonfinite": max(
-            int(v) for k, v in ref_stats[-1].items() if k.endswith("/num_nonfinite")
+            [int(v) for k, v in last.items() if k.endswith("/num_nonfinite")] + [0]
         ),
     }
     if every_shard is not None:

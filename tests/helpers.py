@@ -84,6 +84,7 @@ class Entry:
     threshold_arg: str | None = None  # argument name usable with inject_hyperparams
     threshold_in_stats: bool = True  # ClipStats.threshold is that argument (when injected)
     zero_threshold_ok: bool = True  # the threshold argument may be 0
+    clip_stats: bool = True  # records a whole ClipStats (monitor: its norm and count only)
 
 
 TRANSFORMS: dict[str, Entry] = {
@@ -160,6 +161,17 @@ TRANSFORMS: dict[str, Entry] = {
         lambda: oc.skip_spikes(window=4, warmup_steps=3),
         lambda: oc.skip_spikes(window=4, sigmas=1e30, warmup_steps=3),
         "skip_spikes",
+    ),
+    "clip_by_group_norm": Entry(
+        lambda: oc.clip_by_group_norm(lambda path: path.split("/")[0], {"layer": 1.0, "head": 0.5}),
+        lambda: oc.clip_by_group_norm(lambda path: path.split("/")[0], {"layer": 1e30}),
+        "clip_by_group_norm",
+    ),
+    "monitor": Entry(
+        lambda: oc.monitor(per_leaf=True),
+        lambda: oc.monitor(),
+        "monitor",
+        clip_stats=False,
     ),
     "per_layer": Entry(
         lambda: oc.per_layer({r".*": oc.clip_by_leaf_norm(1.0)}),

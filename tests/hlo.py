@@ -1,0 +1,50 @@
+"""Reading XLA's compiled HLO text: how many reductions the jitted update runs each step."""
+
+from __future__ import annotations
+
+import math
+import re
+
+
+def _size(shape: str) -> int:
+    m = re.match(r"\w+\[([\d,]*)\]", shape)
+    return math.prod(int(d) for d in m.group(1).split(",") if d) if m else -1
+
+
+def reduction_count(text: str, sizes: set[int]) -> int:
+    """``reduce`` instructions whose operand has one of ``sizes`` entries, on the path every
+    step takes: computations reached from ENTRY through fusions, calls and loops, not through
+    the branches of a ``conditional`` (the overflow rescue, the non-finite handling)."""
+    comps: dict[str, list[str]] = {}
+    shapes: dict[str, dict[str, str]] = {}
+    entry = name = None
+    for line in text.splitlines():
+        head = re.match(r"^(ENTRY )?%([\w.\-]+) \((.*)\) -> .*\{$", line)
+        if head:
+            name = head.group(2)
+            entry = name if head.group(1) else entry
+            comps[name] = []
+            shapes[name] = dict(re.findall(r"([\w.\-]+): (\w+\[[\d,]*\])", head.group(3)))
+            continue
+        if line == "}":
+            name = None
+        elif name is not None:
+            inst = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = (\w+\[[\d,]*\])", line)
+            if inst:
+                shapes[name][inst.group(1)] = inst.group(2)
+            comps[name].append(line)
+    assert entry is not None, "no ENTRY computation in the HLO text"
+    count, seen, stack = 0, set(), [entry]
+    while stack:
+        comp = stack.pop()
+        if comp in seen:
+            continue
+        seen.add(comp)
+        for line in comps[comp]:
+            if " conditional(" in line:
+                continue
+            stack += re.findall(r"(?:calls|body|condition)=%([\w.\-]+)", line)
+            m = re.search(r" reduce\(%([\w.\-]+)", line)
+            if m and _size(shapes[comp].get(m.group(1), "")) in sizes:
+                count += 1
+    return count
