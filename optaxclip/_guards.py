@@ -98,7 +98,8 @@ def skip_nonfinite(
     and leaves ``inner``'s state exactly as it was (Adam's moments and step count do not
     move). Without it, a skipped step's update is replaced by zeros; use that in front of a
     stateless optimizer. Finiteness is read off the update's global norm (one fused pass;
-    finite entries of 1e30 whose squares overflow are not mistaken for infinities).
+    finite entries of 1e30 whose squares overflow are not mistaken for infinities), which a
+    clipper at the head of ``inner`` reuses rather than reading the gradient again.
     Unlike ``optax.apply_if_finite`` it never gives up and applies a non-finite update.
 
     Args:
@@ -373,7 +374,7 @@ def skip_spikes(
     With ``inner``, a skipped step returns zeros and leaves ``inner``'s state exactly as it
     was; the decision uses the norm of the update entering ``skip_spikes``, so wrapping a
     clipped optimizer (``skip_spikes(optax.chain(clip, adam))``) decides on the pre-clip
-    norm.
+    norm, and the clipper reuses that norm instead of reading the gradient again.
 
     Args:
       inner: the transformation to protect (e.g. ``optax.chain(clip, optax.adamw(...))``),
