@@ -94,7 +94,7 @@ def adding_result(tmp_path_factory):
         "adding",
         methods=["none", "clip_by_global_norm", "zclip"],
         seeds=2,
-        steps=60,
+        steps=50,  # one 50-step chunk: one program to compile
         lr=0.5,
         seq_len=[5, 8],
         out=out,
@@ -115,7 +115,7 @@ def test_run_returns_a_row_per_method_and_length(adding_result):
 def test_run_curves_have_one_value_per_seed_and_step(adding_result):
     result, _ = adding_result
     for (method, _), c in result.curves.items():
-        assert c["loss"].shape == c["norm"].shape == c["threshold"].shape == (2, 60)
+        assert c["loss"].shape == c["norm"].shape == c["threshold"].shape == (2, 50)
         if method == "none":
             assert np.isnan(c["threshold"]).all()
         if method == "clip_by_global_norm":
