@@ -1,4 +1,5 @@
-"""Cross-device norms (axis_name, partition_specs) on 8 simulated CPU devices.
+"""Cross-device norms (axis_name, partition_specs) on 8 simulated CPU devices (every method,
+five ways: test_distributed_methods.py).
 
 The checks run in a subprocess (dist_worker.py) so the device count of this process, and of
 every other test, stays as it is.
@@ -68,20 +69,3 @@ def test_pmap_norm_equals_unsharded_on_every_device(results):
 
 def test_nan_on_one_shard_skips_on_every_shard(results):
     assert results["skip_all_shards_zero"][0] == 0.0
-
-
-@pytest.mark.parametrize(
-    "name", ["autoclip", "autoclip_window", "zclip", "quantile_clip", "spike_aware_clip"]
-)
-def test_adaptive_clipper_inside_shard_map_equals_unsharded(results, name):
-    diff, stat_diff, num_clipped = results[f"adaptive_{name}"]
-    assert num_clipped > 0  # the stream does clip, so equality means something
-    assert diff <= 1e-5 and stat_diff <= 1e-5
-
-
-def test_explicit_sharding_needs_no_argument(results):
-    available, _ = results["explicit_available"]
-    if available:  # JAX with sharding in types (jax.sharding.AxisType.Explicit)
-        np.testing.assert_allclose(*results["explicit_norm"], rtol=1e-6)
-        assert results["explicit_clip_max_abs_diff"][0] <= 1e-6
-        assert results["explicit_zclip_max_abs_diff"][0] <= 1e-6
