@@ -16,7 +16,7 @@ import optax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
-from optaxclip._tree import check_threshold, leaves_with_paths
+from optaxclip._tree import check_threshold, per_leaf_values
 
 
 @named_state("clip_by_group_norm")
@@ -28,24 +28,13 @@ class ClipByGroupNormState(NamedTuple):
 
 def _labels(tree: Any, labels: Any) -> list[Any]:
     """Each leaf's label, from a callable of the leaf path or a pytree prefix of labels."""
-    paths = leaves_with_paths(tree)
-    if callable(labels):
-        return [labels(path) for path, _ in paths]
-    is_leaf = lambda s: s is None or isinstance(s, str)
-    try:
-        full = jax.tree.map(
-            lambda label, sub: jax.tree.map(lambda _: (label,), sub),
-            labels,
-            tree,
-            is_leaf=is_leaf,
-        )
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            "clip_by_group_norm: `labels` must be a callable of the leaf path or a pytree "
-            f"prefix of the updates with string (or None) leaves; {e}"
-        ) from None
-    flat = jax.tree.structure(tree).flatten_up_to(full)
-    return [label for (label,) in flat]
+    return per_leaf_values(
+        tree,
+        labels,
+        lambda s: s is None or isinstance(s, str),
+        "clip_by_group_norm: `labels` must be a callable of the leaf path or a pytree prefix "
+        "of the updates with string (or None) leaves",
+    )
 
 
 def clip_by_group_norm(

@@ -27,6 +27,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from optaxclip._tree import per_leaf_values
+
 AxisName = str | tuple[str, ...] | None
 
 # Clipping factors are split as p * q with p a power of two, so neither underflows when the
@@ -229,20 +231,14 @@ def _explicitly_sharded(x: jax.Array) -> bool:
 
 def expand_specs(tree: Any, partition_specs: Any) -> list[Any]:
     """One ``PartitionSpec`` (or None: replicated) per leaf of ``tree``, from a prefix tree."""
-    is_spec = lambda s: isinstance(s, PartitionSpec) or s is None
-    try:  # each spec of the prefix, repeated over the leaves below it
-        full = jax.tree.map(
-            lambda spec, sub: jax.tree.map(lambda _: spec, sub),
-            partition_specs,
-            tree,
-            is_leaf=is_spec,
-        )
-    except ValueError as e:
-        raise ValueError(
-            "`partition_specs` must match the updates' tree structure or be a prefix of it "
-            f"(as passed to shard_map); {e}"
-        ) from None
-    specs = jax.tree.structure(tree).flatten_up_to(full)
+    specs = per_leaf_values(
+        tree,
+        partition_specs,
+        lambda s: isinstance(s, PartitionSpec) or s is None,
+        "`partition_specs` must match the updates' tree structure or be a prefix of it "
+        "(as passed to shard_map)",
+        allow_callable=False,
+    )
     for spec in specs:
         _spec_axes(spec)  # type check
     return specs

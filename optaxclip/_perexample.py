@@ -18,7 +18,7 @@ import optax
 from jax import lax
 
 from optaxclip import _numerics as num
-from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
+from optaxclip._stats import ClipStats, empty_step, init_stats, named_state, next_stats
 from optaxclip._tree import (
     check_in_range,
     check_nonnegative,
@@ -170,17 +170,7 @@ def per_example_clip(
         leaves, treedef = jax.tree.flatten(updates)
         leaves = [jnp.asarray(x) for x in leaves]
         if not leaves:
-            return updates, state._replace(
-                stats=next_stats(
-                    state.stats,
-                    norm=0.0,
-                    threshold=state.max_norm,
-                    scale=1.0,
-                    clipped=0.0,
-                    any_clipped=False,
-                    nonfinite=False,
-                )
-            )
+            return updates, state._replace(stats=empty_step(state.stats, state.max_norm))
         batch = _check_batched(paths)
         dtype = num.accum_dtype(leaves)
         if adaptive:

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from optaxclip import _numerics as num
-from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
+from optaxclip._stats import ClipStats, empty_step, init_stats, named_state, next_stats
 from optaxclip._tree import (
     check_in_range,
     check_nonnegative,
@@ -169,17 +169,7 @@ def adagc(
         leaves = [jnp.asarray(x) for x in leaves]
         _check_leaf_count(sum(slices(updates)), state.gamma.shape[0], "adagc")
         if not leaves:
-            return updates, state._replace(
-                stats=next_stats(
-                    state.stats,
-                    norm=0.0,
-                    threshold=jnp.nan,
-                    scale=1.0,
-                    clipped=0.0,
-                    any_clipped=False,
-                    nonfinite=False,
-                )
-            )
+            return updates, state._replace(stats=empty_step(state.stats, jnp.nan))
         dtype = num.accum_dtype(leaves)
         floor = _f32(eps)
 

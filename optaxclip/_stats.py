@@ -70,6 +70,19 @@ def next_stats(
     )
 
 
+def empty_step(prev: ClipStats, threshold: Any) -> ClipStats:
+    """The stats after a step over an empty tree: norm 0, nothing clipped."""
+    return next_stats(
+        prev,
+        norm=0.0,
+        threshold=threshold,
+        scale=1.0,
+        clipped=0.0,
+        any_clipped=False,
+        nonfinite=False,
+    )
+
+
 # Which factory made a state: filled by ``named_state``; ``stats`` uses it for the key prefix.
 _STATE_NAMES: dict[type, str] = {}
 

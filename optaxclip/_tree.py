@@ -140,6 +140,31 @@ def compile_regex(pattern: Any, name: str) -> re.Pattern[str]:
 
 
 # ---------------------------------------------------------------------------
+# Per-leaf settings: a callable of the leaf path, or a pytree prefix
+# ---------------------------------------------------------------------------
+
+
+def per_leaf_values(
+    tree: Any, spec: Any, is_value: Any, error: str, *, allow_callable: bool = True
+) -> list[Any]:
+    """One setting per leaf of ``tree`` (``None``/``MaskedNode`` leaves skipped).
+
+    ``spec`` is a callable of the ``/``-joined leaf path, or a pytree prefix of ``tree`` whose
+    values (``is_value``) hold for every leaf below them, as ``shard_map``'s specs do.
+    ``error`` starts the message raised when the prefix does not match ``tree``.
+    """
+    if allow_callable and callable(spec):
+        return [spec(path) for path, _ in leaves_with_paths(tree)]
+    try:
+        full = jax.tree.map(
+            lambda value, sub: jax.tree.map(lambda _: (value,), sub), spec, tree, is_leaf=is_value
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{error}; {e}") from None
+    return [value for (value,) in jax.tree.structure(tree).flatten_up_to(full)]
+
+
+# ---------------------------------------------------------------------------
 # Stacked layers
 # ---------------------------------------------------------------------------
 
@@ -154,23 +179,13 @@ def stacked_counts(tree: Any, stacked_axes: Any, name: str) -> list[int]:
     paths = leaves_with_paths(tree)
     if stacked_axes is None:
         return [0] * len(paths)
-    if callable(stacked_axes):
-        counts = [stacked_axes(path) for path, _ in paths]
-    else:
-        is_leaf = lambda s: s is None or isinstance(s, (int, np.integer))
-        try:
-            full = jax.tree.map(
-                lambda k, sub: jax.tree.map(lambda _: (k,), sub),
-                stacked_axes,
-                tree,
-                is_leaf=is_leaf,
-            )
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"{name}: `stacked_axes` must be None, an int, a callable of the leaf path, or "
-                f"a pytree prefix of the updates with None/int leaves; {e}"
-            ) from None
-        counts = [k for (k,) in jax.tree.structure(tree).flatten_up_to(full)]
+    counts = per_leaf_values(
+        tree,
+        stacked_axes,
+        lambda s: s is None or isinstance(s, (int, np.integer)),
+        f"{name}: `stacked_axes` must be None, an int, a callable of the leaf path, or a "
+        "pytree prefix of the updates with None/int leaves",
+    )
     out = []
     for (path, x), k in zip(paths, counts):
         k = 0 if k is None else k

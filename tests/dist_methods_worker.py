@@ -130,6 +130,15 @@ def state_specs(state, update_specs):
     return specs
 
 
+def device_rows(stats) -> tuple[dict, bool]:
+    """Statistics gathered with one row per device, and whether every device agrees."""
+    rows = {k: np.asarray(v) for k, v in stats.items()}
+    agree = all(
+        np.array_equal(r, np.broadcast_to(r[:1], r.shape), equal_nan=True) for r in rows.values()
+    )
+    return rows, agree
+
+
 def nan_aware_diff(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if not np.array_equal(np.isnan(a), np.isnan(b)):
@@ -221,11 +230,8 @@ def run_shard_map(name, how):
     outs, stats, same = [], [], True
     for g in stream(shapes, nan=nan):
         u, state, stacked = fn(place(g, specs, mesh), state, params)
-        rows = {k: np.asarray(v) for k, v in stacked.items()}
-        same &= all(
-            np.array_equal(r, np.broadcast_to(r[:1], r.shape), equal_nan=True)
-            for r in rows.values()
-        )
+        rows, agree = device_rows(stacked)
+        same &= agree
         outs.append(u)
         stats.append({k: r[0] for k, r in rows.items()})
     ref_outs, ref_stats = reference_run(make, shapes, needs_params, nan)
@@ -249,11 +255,8 @@ def run_pmap(name):
     outs, stats, same = [], [], True
     for g in stream(shapes, nan=nan):
         u, state, st = fn(blocks(g), state, blocks(params))
-        rows = {k: np.asarray(v) for k, v in st.items()}
-        same &= all(
-            np.array_equal(r, np.broadcast_to(r[:1], r.shape), equal_nan=True)
-            for r in rows.values()
-        )
+        rows, agree = device_rows(st)
+        same &= agree
         outs.append(whole(u))
         stats.append({k: r[0] for k, r in rows.items()})
     ref_outs, ref_stats = reference_run(make, shapes, needs_params, nan)
@@ -367,11 +370,8 @@ def run_per_example(mode):
         )
         for g in pe_stream():
             u, state, st = fn(place(g, specs, mesh), state)
-            rows = {k: np.asarray(v) for k, v in st.items()}
-            same &= all(
-                np.array_equal(r, np.broadcast_to(r[:1], r.shape), equal_nan=True)
-                for r in rows.values()
-            )
+            rows, agree = device_rows(st)
+            same &= agree
             outs.append(u)
             stats.append({k: r[0] for k, r in rows.items()})
     elif mode == "pmap":
@@ -381,11 +381,8 @@ def run_per_example(mode):
         for g in pe_stream():
             blocks = jax.tree.map(lambda x: x.reshape((8, BATCH // 8, *x.shape[1:])), g)
             u, state, st = fn(blocks, state)
-            rows = {k: np.asarray(v) for k, v in st.items()}
-            same &= all(
-                np.array_equal(r, np.broadcast_to(r[:1], r.shape), equal_nan=True)
-                for r in rows.values()
-            )
+            rows, agree = device_rows(st)
+            same &= agree
             outs.append(jax.tree.map(lambda x: x[0], u))
             stats.append({k: r[0] for k, r in rows.items()})
     else:  # GSPMD: batch sharded over x, parameters' dimensions as in PE_SPECS

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -228,3 +230,33 @@ def once_per_session(tmp_path_factory, name: str, compute: Callable[[Path], obje
         value = compute(directory)
         result.write_text(json.dumps(value))
         return value
+
+
+def run_json_workers(script: Path, arg_lists: list[list[str]], timeout: int = 600) -> dict:
+    """Runs ``script`` once per argument list, concurrently, each printing a JSON object.
+
+    Each runs without this process's ``XLA_FLAGS`` (the script sets its own device count);
+    the objects are merged. Every process is killed and reaped at the end, whatever happens.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for args in arg_lists
+    ]
+    out: dict = {}
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, stderr[-4000:]
+            out.update(json.loads(stdout))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    return out

@@ -7,15 +7,11 @@ every other test, stays as it is.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import once_per_session
+from helpers import once_per_session, run_json_workers
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +23,7 @@ def results(tmp_path_factory) -> dict:
 
 def _run_worker(directory) -> dict:
     del directory
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("dist_worker.py"))],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return run_json_workers(Path(__file__).with_name("dist_worker.py"), [[]])
 
 
 @pytest.mark.parametrize("scale", ["1", "1e+30", "1e-30"])

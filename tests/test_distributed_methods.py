@@ -9,14 +9,10 @@ subprocesses (dist_methods_worker.py), so this process keeps its single device.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import once_per_session
+from helpers import once_per_session, run_json_workers
 
 pytestmark = pytest.mark.slow
 
@@ -54,28 +50,8 @@ def results(tmp_path_factory) -> dict:
 
 def _run_workers(directory) -> dict:
     del directory
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), *modes],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for modes in (["partition_specs", "axis_name", "collectives"], ["pmap", *GSPMD_MODES])
-    ]
-    out: dict = {}
-    try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=600)
-            assert proc.returncode == 0, stderr[-4000:]
-            out.update(json.loads(stdout))
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    return out
+    modes = [["partition_specs", "axis_name", "collectives"], ["pmap", *GSPMD_MODES]]
+    return run_json_workers(WORKER, modes)
 
 
 def _result(results, method, mode) -> dict:
