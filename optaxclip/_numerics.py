@@ -365,12 +365,21 @@ def grouped_collective(arrays: Sequence[jax.Array], axes: Sequence[tuple[str, ..
 class Reducer:
     """Sums or maxes per-leaf partial results, then over the mesh axes each leaf is sharded on.
 
+    Partials are arrays of one shape (scalars, or per-example vectors), combined element-wise.
     Leaves sharded over the same axes are combined locally first, so there is one collective
     per distinct axis set, never one per leaf. Without axes it is a plain local reduction.
     """
 
     def __init__(self, groups: list[tuple[tuple[str, ...], list[int]]]):
         self.groups = groups
+
+    @classmethod
+    def from_axes(cls, axes: Sequence[tuple[str, ...]]) -> Reducer:
+        """A Reducer over partials where partial i is sharded over the mesh axes ``axes[i]``."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, a in enumerate(axes):
+            groups.setdefault(a, []).append(i)
+        return cls(list(groups.items()))
 
     @classmethod
     def build(cls, tree: Any, axis_name: AxisName = None, partition_specs: Any = None) -> Reducer:
@@ -433,7 +442,7 @@ class Reducer:
         return self._combine(partials, lambda xs: sum(xs[1:], xs[0]), lax.psum)
 
     def max(self, partials: Sequence[jax.Array]) -> jax.Array:
-        return self._combine(partials, lambda xs: jnp.max(jnp.stack(xs)), pmax)
+        return self._combine(partials, lambda xs: functools.reduce(jnp.maximum, xs), pmax)
 
     def count(self, sizes: Sequence[int]) -> int | jax.Array:
         """Total number of entries across devices (an upper bound is all that is needed)."""

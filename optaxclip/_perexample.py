@@ -7,7 +7,6 @@ Adaptive Clipping" (the geometric quantile update).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -267,16 +266,7 @@ def _example_norms(
     sizes = [math.prod(x.shape[1:]) * num.axis_product(a) for x, a in zip(leaves, param_axes)]
     n = max(sum(sizes), 1)
 
-    def across(parts: list[jax.Array], local, collective) -> jax.Array:
-        """Combines per-leaf ``(B,)`` partials: one collective per distinct axis set."""
-        groups: dict[tuple[str, ...], list[jax.Array]] = {}
-        for part, axes in zip(parts, param_axes):
-            groups.setdefault(axes, []).append(part)
-        out = []
-        for axes, members in groups.items():
-            part = functools.reduce(local, members)
-            out.append(collective(part, axes) if axes else part)
-        return functools.reduce(local, out)
+    reducer = num.Reducer.from_axes(param_axes)  # (B,) partials: one collective per axis set
 
     def per_example_sum(xs, scale=None):
         parts = []
@@ -285,11 +275,11 @@ def _example_norms(
             if scale is not None:
                 xw = num.times_inverse(xw, scale.reshape((batch,) + (1,) * (x.ndim - 1)))
             parts.append(jnp.sum(num._magnitude(xw, 2, dtype), axis=rows(x)))
-        return across(parts, jnp.add, lax.psum)
+        return reducer.sum(parts)
 
     def rescue(xs) -> num.Norm:
         maxes = [jnp.max(jnp.abs(num._wide(x, dtype)), axis=rows(x), initial=zero) for x in xs]
-        m = across(maxes, jnp.maximum, num.pmax)
+        m = reducer.max(maxes)
         ok = (m >= jnp.finfo(dtype).tiny) & jnp.isfinite(m)
         s = per_example_sum(xs, jnp.where(ok, m, 1))
         degenerate = num._from_max(m)
