@@ -58,7 +58,7 @@ def _clip(updates: Any, step: _Step, limit: jax.Array, prev: ClipStats, reported
     ``reported`` is the threshold to record, when it differs from ``limit`` without changing
     the outcome (``limit`` by default).
     """
-    p, q, clipped = num.clip_factors(step.norm, limit)
+    p, q, clipped = num.global_factors(step.norm, limit)
     updates = jax.tree.map(lambda x: num.scale_leaf(jnp.asarray(x), p, q), updates)
     stats = next_stats(
         prev,
@@ -240,14 +240,14 @@ def autoclip(
 
     def init_fn(params):
         del params
-        i32 = jnp.zeros((), np.int32)
+        i32 = lambda: jnp.zeros((), np.int32)  # one array per field: the state can be donated
         length = _NUM_BINS if window is None else window
         history_dtype = np.int32 if window is None else _F32
         return AutoClipState(
             stats=init_stats(),
             history=jnp.zeros((length,), history_dtype),
-            size=i32,
-            head=i32,
+            size=i32(),
+            head=i32(),
             low=jnp.asarray(np.inf, _F32),
             high=jnp.zeros((), _F32),
         )
@@ -405,8 +405,10 @@ def zclip(
 
     def init_fn(params):
         del params
-        zero = jnp.zeros((), _F32)
-        return ZClipState(stats=init_stats(), mean=zero, var=zero, count=jnp.zeros((), np.int32))
+        zero = lambda: jnp.zeros((), _F32)  # one array per field: the state can be donated
+        return ZClipState(
+            stats=init_stats(), mean=zero(), var=zero(), count=jnp.zeros((), np.int32)
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

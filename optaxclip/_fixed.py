@@ -97,22 +97,31 @@ def clip_by_value(
         sharding = dict(axis_name=axis_name, partition_specs=partition_specs)
         norm = num.global_pair(updates, 2, **sharding)
         largest = num.global_pair(updates, math.inf, **sharding)
-        p, q, any_clipped = num.clip_factors(largest, c)
+        p, q, any_clipped = num.global_factors(largest, c)
         # Count entries above c: sign(max(|x| - c, 0)) vectorises where a compare does not.
-        over = [jnp.sum(jnp.sign(jnp.fmax(jnp.abs(num._wide(x, dtype)) - c, 0))) for x in leaves]
+        # Small leaves are counted together (few kernels for a tree of many leaves).
         reducer = num.Reducer.build(updates, axis_name, partition_specs)
+        chunks, chunk_reducer = reducer.chunks(leaves)
+        over = [jnp.sum(jnp.sign(jnp.fmax(jnp.abs(num._wide(x, dtype)) - c, 0))) for x in chunks]
         size = reducer.count([x.size for x in leaves])
-        n_over = reducer.sum(over) if leaves else jnp.zeros((), dtype)
+        n_over = chunk_reducer.sum(over) if chunks else jnp.zeros((), dtype)
         fraction = n_over / jnp.maximum(jnp.asarray(size, dtype), 1)
+        bounds: dict[Any, jax.Array] = {}
+
+        def bound_for(leaf_dtype):  # one bound per dtype, computed once for every leaf
+            if leaf_dtype not in bounds:
+                bound = _round_down(c, leaf_dtype)
+                bounds[leaf_dtype] = num.materialize(bound)[0]
+            return bounds[leaf_dtype]
 
         def clip_leaf(x):
             x = jnp.asarray(x)
             if jnp.iscomplexobj(x):  # clip the magnitude, keep the phase
                 mag = jnp.abs(x)
-                bound = _round_down(c, mag.dtype)
+                bound = bound_for(mag.dtype)
                 factor = jnp.where(mag > bound, bound / jnp.where(mag > bound, mag, 1), 1)
                 return (x * factor.astype(x.dtype)).astype(x.dtype)
-            bound = _round_down(c, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else c
+            bound = bound_for(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else c
             return jnp.clip(x, -bound, bound).astype(x.dtype)
 
         updates = jax.tree.map(clip_leaf, updates)
@@ -197,7 +206,7 @@ def clip_by_global_norm(
         del params, extra_args
         norm = num.global_pair(updates, ord, axis_name=axis_name, partition_specs=partition_specs)
         limit = num.resolve(max_norm, state.stats.count, norm.m.dtype)
-        p, q, clipped = num.clip_factors(norm, limit)
+        p, q, clipped = num.global_factors(norm, limit)
         updates = jax.tree.map(lambda x: num.scale_leaf(jnp.asarray(x), p, q), updates)
         stats = next_stats(
             state.stats,
@@ -234,18 +243,17 @@ def _per_leaf_update(updates, state, limit_of, ord, threshold, sharding, stacked
         math.prod(x.shape[k:]) * num.axis_product(r)
         for x, k, (r, _) in zip(leaves, stacked, splits)
     ]
-    limits = [limit_of(n, dtype) for n in sizes]
+    limits_for = lambda n: limit_of(n, dtype)
 
     def zero_ok(sums, ord, sizes):
         # A slice whose sum underflowed to 0 has a norm below zero_bound: no clip can change.
-        return [lim >= num.zero_bound(n, ord, dtype) for n, lim in zip(sizes, limits)]
+        return [limits_for(n) >= num.zero_bound(n, ord, dtype) for n in sizes]
 
     norms = num.unit_pairs(leaves, ord, axes, zero_ok=zero_ok, mesh=mesh)
-    factors = [num.clip_factors(norm, limit) for norm, limit in zip(norms, limits)]
-    out = [num.scale_leaf(x, p, q) for x, (p, q, _) in zip(leaves, factors)]
-    total, scale, n_clipped, n_units = num.summarize_units(
-        norms, factors, ord, [k for _, k in splits]
+    factors, total, scale, n_clipped, n_units = num.unit_clip(
+        leaves, norms, limits_for, sizes, ord, [k for _, k in splits]
     )
+    out = [num.scale_leaf(x, p, q) for x, (p, q, _) in zip(leaves, factors)]
     stats = next_stats(
         state.stats,
         norm=total.value,
@@ -395,7 +403,7 @@ def clip_by_block_rms(
         updates, stats = _per_leaf_update(
             updates,
             state,
-            lambda n, dtype: num.resolve(max_rms, count, dtype) * math.sqrt(n),
+            lambda n, dtype: num.resolve(max_rms, count, dtype) * np.sqrt(n).astype(dtype),
             2,
             lambda dtype: num.resolve(max_rms, count, dtype),
             (axis_name, partition_specs),

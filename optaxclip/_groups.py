@@ -129,7 +129,7 @@ def clip_by_group_norm(
                 partition_specs=None if specs is None else [specs[i] for i in idx],
             )
             limit = num.resolve(max_norms[label], count, norm.m.dtype)
-            p, q, clipped = num.clip_factors(norm, limit)
+            p, q, clipped = num.global_factors(norm, limit)
             for i in idx:
                 out[i] = num.scale_leaf(leaves[i], p, q)
             norms.append(norm)

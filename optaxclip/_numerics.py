@@ -3,11 +3,15 @@
 Every norm is accumulated in float32 (float64 when a leaf is float64), in one fused pass
 per leaf on the path ordinary inputs take. Only when that pass overflowed (``inf``) or may
 have lost mass to underflow (a sum below ``n * tiny / eps``, ``n`` the number of entries)
-does a rescaled pass run, under ``lax.cond``: each entry is divided by the largest
-magnitude first, so nothing can overflow or underflow.
+does a rescaled pass run. The global norm multiplies every entry by a fixed power of two
+chosen so that nothing overflows and no mass that matters is lost (see
+``_RESCUE_EXPONENTS``), in a second trip of the same ``lax.while_loop`` body, so its
+reductions are compiled once; per-unit norms divide each unit by its largest magnitude
+(``lax.cond``).
 
 A norm is carried as a pair ``Norm(m, r)`` whose value is ``m * r``: ``m`` is 1 on the
-ordinary path and the largest magnitude on the rescaled one. The pair stays exact where the
+ordinary path and the rescaling factor (a power of two, or the largest magnitude) on the
+rescaled one. The pair stays exact where the
 value itself would not fit the dtype (entries near float32's max), and clipping factors are
 derived from the pair so a clipped update keeps its direction on every finite input.
 """
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -94,6 +97,12 @@ def _wide(x: jax.Array, dtype: np.dtype) -> jax.Array:
     return jnp.asarray(x).astype(dtype)
 
 
+def _times(x: jax.Array, c: jax.Array, dtype: np.dtype) -> jax.Array:
+    """``x * c`` in the accumulation dtype for a real ``c`` (complex ``x`` stays complex)."""
+    xw = _wide(x, dtype)
+    return xw * c.astype(xw.dtype)
+
+
 def _magnitude(x: jax.Array, ord: float, dtype: np.dtype) -> jax.Array:
     """Per-entry contribution to a sum: |x|**2 for ord 2, |x| for ord 1 (real, in ``dtype``)."""
     xw = _wide(x, dtype)
@@ -141,14 +150,15 @@ def times_inverse(x: jax.Array, m: jax.Array) -> jax.Array:
 ZeroOk = Callable[[list[jax.Array], float, list[int]], list[jax.Array]]
 
 
-def zero_bound(n: int, ord: float, dtype: np.dtype) -> float:
+def zero_bound(n: Any, ord: float, dtype: np.dtype) -> Any:
     """Largest norm a unit of ``n`` entries can have when its ordinary sum is exactly 0.
 
     Squares below ``tiny`` flush to 0 (ord 2: every entry below ``sqrt(tiny)``); subnormal
-    entries read as 0 (ord 1: every entry below ``tiny``).
+    entries read as 0 (ord 1: every entry below ``tiny``). ``n`` may be a numpy array.
     """
     tiny = float(jnp.finfo(dtype).tiny)
-    return math.sqrt(n * tiny) if ord == 2 else n * tiny
+    bound = np.sqrt(np.asarray(n, np.float64) * tiny) if ord == 2 else np.asarray(n) * tiny
+    return float(bound) if np.ndim(bound) == 0 else bound.astype(dtype)
 
 
 def _from_max(m: jax.Array) -> Norm:
@@ -362,6 +372,18 @@ def grouped_collective(arrays: Sequence[jax.Array], axes: Sequence[tuple[str, ..
     return out
 
 
+def stacked(op: Callable, xs: Sequence[jax.Array]) -> jax.Array:
+    """``op`` (``jnp.sum``, ``jnp.max``, ...) over ``xs`` element-wise, as one reduction.
+
+    A Python chain ``x1 + x2 + ...`` of scalars is one long fusible chain, which XLA's CPU
+    fusion pass handles in time quadratic in its length (minutes at 2,000 leaves); a stack
+    and one reduction are compiled in linear time.
+    """
+    if len(xs) == 1:
+        return xs[0]
+    return op(jnp.stack(xs), axis=0)
+
+
 class Reducer:
     """Sums or maxes per-leaf partial results, then over the mesh axes each leaf is sharded on.
 
@@ -439,10 +461,10 @@ class Reducer:
         return out
 
     def sum(self, partials: Sequence[jax.Array]) -> jax.Array:
-        return self._combine(partials, lambda xs: sum(xs[1:], xs[0]), lax.psum)
+        return self._combine(partials, lambda xs: stacked(jnp.sum, xs), lax.psum)
 
     def max(self, partials: Sequence[jax.Array]) -> jax.Array:
-        return self._combine(partials, lambda xs: functools.reduce(jnp.maximum, xs), pmax)
+        return self._combine(partials, lambda xs: stacked(jnp.max, xs), pmax)
 
     def count(self, sizes: Sequence[int]) -> int | jax.Array:
         """Total number of entries across devices (an upper bound is all that is needed)."""
@@ -529,45 +551,66 @@ def offer(kind: str, leaves: Sequence[Any], settings: tuple, value: Any) -> None
 # ---------------------------------------------------------------------------
 
 
+# Scales of the rescue pass of the global norm: exponents ``(down, up)`` of the power of two
+# ``c`` that multiplies every entry when the ordinary sum overflowed (down) or fell below
+# ``n * tiny / eps`` (up). With ``n <= 2**48`` entries, ``eps`` the dtype's epsilon, ``T`` its
+# tiny, ``M`` its max and ``D`` its smallest subnormal:
+# * ord 2, down: ``c**2 * n * M**2 <= M`` (no overflow), and the entries lost to underflow,
+#   each below ``sqrt(T) / c``, weigh at most ``n * T / (c**2 * M)`` of the overflowed sum
+#   (2**-30 of float32's eps);
+# * ord 2, up: ``(c * D)**2 >= T`` (no entry flushes), and ``c**2 * n * T / eps <= M``;
+# * ord 1: the same with ``c * n * M <= M`` and ``c * D >= T``.
+_RESCUE_EXPONENTS = {
+    (np.dtype(np.float32), 2): (-88, 88),
+    (np.dtype(np.float32), 1): (-48, 24),
+    (np.dtype(np.float64), 2): (-536, 565),
+    (np.dtype(np.float64), 1): (-48, 53),
+}
+
+
 def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: np.dtype) -> Norm:
     zero = jnp.zeros((), dtype)
     one = jnp.ones((), dtype)
-
-    def largest(chunks, red):
-        return red.max([jnp.max(jnp.abs(_wide(c, dtype)), initial=zero) for c in chunks])
 
     if ord == math.inf:
         chunks, red = reducer.chunks(leaves)
         maxes = [_nan_max(_wide(c, dtype), None, False) for c in chunks]
         return _from_max(red.max(maxes)) if chunks else Norm(one, zero)
 
-    def rescue(chunks, red) -> Norm:
-        m = largest(chunks, red)
-        ok = (m >= jnp.finfo(dtype).tiny) & jnp.isfinite(m)
-
-        def scaled(chunks) -> Norm:
-            mx = jnp.where(ok, m, one)
-            parts = [
-                jnp.sum(_magnitude(times_inverse(_wide(c, dtype), mx), ord, dtype)) for c in chunks
-            ]
-            return Norm(m, _finish(red.sum(parts), ord))
-
-        return lax.cond(ok, scaled, lambda chunks: _from_max(m), chunks)
+    down, up = (jnp.asarray(2.0**e, dtype) for e in _RESCUE_EXPONENTS[(np.dtype(dtype), ord)])
 
     @jax.custom_jvp
     def pair(xs):
         chunks, red = reducer.chunks(xs)
         if not chunks:
             return Norm(one, zero)
-        s = red.sum([jnp.sum(_magnitude(c, ord, dtype)) for c in chunks])
         floor = _underflow_floor(red.count([c.size for c in chunks]), dtype)
+
+        def sums(c):
+            if c is None:
+                return red.sum([jnp.sum(_magnitude(x, ord, dtype)) for x in chunks])
+            return red.sum([jnp.sum(_magnitude(_times(x, c, dtype), ord, dtype)) for x in chunks])
+
+        # One loop body, so the reduction kernels are compiled once: the first trip sums
+        # with c = 1; only a sum that overflowed or fell below the floor takes a second
+        # trip with c = 2**down or 2**up (never a third).
+        def body(state):
+            c, _, _ = state
+            s = sums(c)
+            again = (c == one) & (jnp.isinf(s) | (s < floor))
+            return jnp.where(again, jnp.where(jnp.isinf(s), down, up), c), s, again
+
+        if _SHARED.get() is None:
+            c, s, _ = lax.while_loop(lambda st: st[2], body, (one, zero, jnp.array(True)))
+            return Norm(1 / c, _finish(s, ord))  # 1 / c is exact: a power of two in range
+        # In a sharing scope (inside a guard), other transformations may reduce the same
+        # leaves (monitor's per-leaf norms): the ordinary pass is emitted outside the loop,
+        # where XLA merges identical reductions, and the loop only holds the rescue trip.
+        s = sums(None)
         bad = jnp.isinf(s) | (s < floor)
-        return lax.cond(
-            bad,
-            lambda chunks: rescue(chunks, red),
-            lambda chunks: Norm(one, _finish(s, ord)),
-            chunks,
-        )
+        init = (jnp.where(bad, jnp.where(jnp.isinf(s), down, up), one), s, bad)
+        c, s, _ = lax.while_loop(lambda st: st[2], lambda st: (st[0], sums(st[0]), False), init)
+        return Norm(1 / c, _finish(s, ord))
 
     @pair.defjvp
     def pair_jvp(primals, tangents):
@@ -612,15 +655,113 @@ def unit_pairs(
     *,
     zero_ok: ZeroOk | None = None,
     mesh: Sequence[LeafMesh] | None = None,
+    flat: bool = True,
 ) -> list[Norm]:
     """Norms of each unit (``keepdims`` arrays); see :func:`_unit_pairs`."""
     return shared(
         "units",
         leaves,
         (ord, tuple(axes), None if mesh is None else tuple(mesh)),
-        lambda: _by_ord(ord, lambda o: _unit_pairs(leaves, o, axes, zero_ok=zero_ok, mesh=mesh)),
+        lambda: _by_ord(
+            ord,
+            lambda o: _plain_if(
+                isinstance(ord, jax.core.Tracer),
+                _unit_pairs(leaves, o, axes, zero_ok=zero_ok, mesh=mesh, flat=flat),
+            ),
+        ),
         exact=zero_ok is None,
     )
+
+
+def _plain_if(plain: bool, norms: list[Norm]) -> list[Norm]:
+    """``norms`` as a plain list (the branches of a ``lax.switch`` over ``ord`` must agree)."""
+    return list(norms) if plain else norms
+
+
+def _unit_matrix(x: jax.Array, axes: tuple[int, ...], width: int) -> jax.Array:
+    """``x`` as one row per unit (its reduced axes last, flattened), zero-padded to ``width``."""
+    kept = tuple(i for i in range(x.ndim) if i not in axes)
+    rows = math.prod(x.shape[i] for i in kept)
+    matrix = jnp.transpose(x, kept + tuple(axes)).reshape(rows, -1)
+    return jnp.pad(matrix, ((0, 0), (0, width - matrix.shape[1])))
+
+
+class Flat(NamedTuple):
+    """The units of ``leaves[order[0]], leaves[order[1]], ...`` on one vector, in that order."""
+
+    norm: Norm
+    order: list[int]
+
+
+class UnitNorms(list):
+    """Per-leaf unit norms (a list), with the flat vector they were sliced from (or None)."""
+
+    def __init__(self, norms: Sequence[Norm], flat: Flat | None):
+        super().__init__(norms)
+        self.flat = flat
+
+
+class _FlatUnits:
+    """Every unit of a list of leaves on one flat vector, and their sums with few kernels.
+
+    Leaves of at least ``SMALL_LEAF`` entries are reduced in place (one kernel each). Smaller
+    ones are laid out one row per unit, zero-padded to a power-of-two width, and stacked per
+    (dtype, width), so a tree of thousands of small leaves costs a few kernels to compile
+    and run (and a copy of its small leaves). Units are ordered big leaves first, then one
+    group after the other, so every group's rows are one contiguous slice of the vector.
+    """
+
+    def __init__(self, leaves: Sequence[jax.Array], axes: Sequence[tuple[int, ...]]):
+        self.leaves, self.axes = list(leaves), list(axes)
+        self.shapes = [
+            tuple(1 if i in a else d for i, d in enumerate(x.shape)) for x, a in zip(leaves, axes)
+        ]
+        direct: list[int] = []
+        groups: dict[Any, list[int]] = {}
+        for i, (x, a) in enumerate(zip(leaves, axes)):
+            if x.size >= SMALL_LEAF or x.size == 0:
+                direct.append(i)
+            else:
+                width = 1 << max(math.prod(x.shape[j] for j in a) - 1, 0).bit_length()
+                groups.setdefault((x.dtype, width), []).append(i)
+        self.direct, self.groups = direct, list(groups.items())
+        self.order = direct + [i for _, idx in self.groups for i in idx]
+        self.offsets: dict[int, int] = {}
+        start = 0
+        for i in self.order:
+            self.offsets[i] = start
+            start += math.prod(self.shapes[i])
+        self.size = start
+
+    def take(self, vector: jax.Array, i: int) -> jax.Array:
+        """Leaf i's units of a flat vector, in its ``keepdims`` shape."""
+        start, shape = self.offsets[i], self.shapes[i]
+        return vector[start : start + math.prod(shape)].reshape(shape)
+
+    def flatten(self, per_leaf: Sequence[Any]) -> jax.Array:
+        """Per-leaf arrays (broadcast to each leaf's unit shape) as one flat vector."""
+        return jnp.concatenate(
+            [jnp.ravel(jnp.broadcast_to(per_leaf[i], self.shapes[i])) for i in self.order]
+        )
+
+    def unit_sizes(self, sizes: Sequence[int]) -> np.ndarray:
+        """The number of entries of each unit, as a vector aligned with the units."""
+        return np.concatenate([np.full(math.prod(self.shapes[i]), sizes[i]) for i in self.order])
+
+    def sums(self, ord: float, dtype: np.dtype, c: jax.Array) -> jax.Array:
+        """``sum(|x * c|**ord)`` of every unit, ``c`` a flat vector of per-unit scales."""
+        parts = []
+        for i in self.direct:
+            x, a = self.leaves[i], self.axes[i]
+            s = jnp.sum(_magnitude(_times(x, self.take(c, i), dtype), ord, dtype), a, keepdims=True)
+            parts.append(jnp.ravel(s))
+        for (_, width), idx in self.groups:
+            rows = [_unit_matrix(self.leaves[i], self.axes[i], width) for i in idx]
+            stacked_rows = rows[0] if len(rows) == 1 else jnp.concatenate(rows)
+            start = self.offsets[idx[0]]
+            scale = c[start : start + stacked_rows.shape[0], None]
+            parts.append(jnp.sum(_magnitude(_times(stacked_rows, scale, dtype), ord, dtype), 1))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def _unit_pairs(
@@ -630,15 +771,26 @@ def _unit_pairs(
     *,
     zero_ok: ZeroOk | None = None,
     mesh: Sequence[LeafMesh] | None = None,
+    flat: bool = True,
 ) -> list[Norm]:
     """Norms of each unit (``keepdims`` arrays); ``axes[i]`` are the axes reduced in leaf i.
 
+    The ordinary pass sums each unit as is. A unit whose sum overflowed, or fell below
+    ``n * tiny / eps``, is summed again with its entries multiplied by a fixed power of two
+    (``_RESCUE_EXPONENTS``), in a second trip of the same ``lax.while_loop`` body, so the
+    reductions are compiled once.
+
     A unit whose ordinary sum is exactly 0 may hold entries that all flushed to zero (the
-    true norm is then below :func:`zero_bound`). By default such a unit runs the rescaled
+    true norm is then below :func:`zero_bound`). By default such a unit takes the rescaled
     pass like any underflow. A clipper passes ``zero_ok``: given the ordinary sums, the ord
-    and each leaf's (logical) unit size, it says per unit where 0 can be taken as is because
-    no clipping decision could change (the unit's limit is at least the bound), so
-    exactly-zero units (dead units, zero-initialised weights) cost nothing on its path.
+    and the (logical) unit sizes, it says per unit where 0 can be taken as is because no
+    clipping decision could change (the unit's limit is at least the bound), so exactly-zero
+    units (dead units, zero-initialised weights) cost nothing on its path.
+
+    Without a mesh, the units of all leaves that are not explicitly sharded live on one
+    flat vector (see :class:`_FlatUnits`): the loop carries two vectors, and ``zero_ok`` is
+    called once with ``[sums]`` and ``[unit sizes]`` (a numpy vector). ``flat=False`` (for a
+    ``zero_ok`` that needs the sums per leaf) keeps one array per leaf.
 
     With ``mesh`` (inside ``shard_map``/``pmap``), each unit's partial sum is added over the
     mesh axes that shard its reduced dimensions (one collective per distinct axis set), so
@@ -647,7 +799,7 @@ def _unit_pairs(
     if not leaves:
         return []
     dtype = accum_dtype(leaves)
-    axes = [tuple(range(jnp.ndim(x))) if a is None else a for x, a in zip(leaves, axes)]
+    axes = [tuple(range(jnp.ndim(x))) if a is None else tuple(a) for x, a in zip(leaves, axes)]
     split = [lm.split(a) for lm, a in zip(mesh, axes)] if mesh else [((), ())] * len(leaves)
     red_axes = [r for r, _ in split]
     keep_union = tuple(dict.fromkeys(a for _, k in split for a in k))
@@ -655,73 +807,114 @@ def _unit_pairs(
         math.prod(x.shape[i] for i in a) * axis_product(r)
         for x, a, r in zip(leaves, axes, red_axes)
     ]
-    zero = jnp.zeros((), dtype)
-
-    def unit_max(xs):
-        local = [
-            jnp.max(jnp.abs(_wide(x, dtype)), axis=a, keepdims=True, initial=zero)
-            for x, a in zip(xs, axes)
-        ]
-        return grouped_collective(local, red_axes, pmax)
 
     if ord == math.inf:
         local = [_nan_max(_wide(x, dtype), a, True) for x, a in zip(leaves, axes)]
         return [_from_max(m) for m in grouped_collective(local, red_axes, pmax)]
 
-    def rescue(xs) -> list[Norm]:
-        out = []
-        maxes = unit_max(xs)
-        oks = [(m >= jnp.finfo(dtype).tiny) & jnp.isfinite(m) for m in maxes]
+    one = jnp.ones((), dtype)
+    down, up = (jnp.asarray(2.0**e, dtype) for e in _RESCUE_EXPONENTS[(np.dtype(dtype), ord)])
+
+    def rescue(s, c, ok, floor):
+        """Which units take the rescaled trip, and their scales (element-wise)."""
+        bad = jnp.isinf(s) | ((s > 0) & (s < floor))
+        bad = bad | (s == 0) if ok is None else bad | ((s == 0) & ~ok)
+        bad = bad & (c == one)  # a rescaled unit is final
+        return bad, jnp.where(bad, jnp.where(jnp.isinf(s), down, up), c)
+
+    def leaf_sums(xs, cs, idx):
+        scaled = lambda x, c: x if c is None else _times(x, c, dtype)
         local = [
-            jnp.sum(
-                _magnitude(times_inverse(_wide(x, dtype), jnp.where(ok, m, 1)), ord, dtype),
-                axis=a,
-                keepdims=True,
-            )
-            for x, a, m, ok in zip(xs, axes, maxes, oks)
+            jnp.sum(_magnitude(scaled(xs[i], cs[j]), ord, dtype), axes[i], keepdims=True)
+            for j, i in enumerate(idx)
         ]
-        for m, ok, s in zip(maxes, oks, grouped_collective(local, red_axes, lax.psum)):
-            degenerate = _from_max(m)
-            out.append(
-                Norm(jnp.where(ok, m, degenerate.m), jnp.where(ok, _finish(s, ord), degenerate.r))
-            )
-        return out
+        return grouped_collective(local, [red_axes[i] for i in idx], lax.psum)
 
     @jax.custom_jvp
     def pairs(xs):
-        local = [
-            jnp.sum(_magnitude(x, ord, dtype), axis=a, keepdims=True) for x, a in zip(xs, axes)
-        ]
-        sums = grouped_collective(local, red_axes, lax.psum)
-        bad = [
-            jnp.isinf(s) | ((s > 0) & (s < _underflow_floor(n, dtype))) for s, n in zip(sums, sizes)
-        ]
-        if zero_ok is None:
-            bad = [b | (s == 0) for b, s in zip(bad, sums)]
+        # Leaves on the flat vector, and leaves kept apart (one array per leaf).
+        use_flat = flat and not mesh
+        on_vec = [i for i, x in enumerate(xs) if use_flat and not _explicitly_sharded(x)]
+        apart = [i for i in range(len(xs)) if i not in set(on_vec)]
+        units = _FlatUnits([xs[i] for i in on_vec], [axes[i] for i in on_vec])
+        vec_sizes = units.unit_sizes([sizes[i] for i in on_vec]) if on_vec else None
+        vec_floor = None if not on_vec else _underflow_floor(vec_sizes.astype(dtype), dtype)
+
+        def trip(c_vec, c_apart, s_apart=None):
+            flags = []
+            s_vec = units.sums(ord, dtype, c_vec) if on_vec else c_vec
+            if on_vec:
+                ok = None if zero_ok is None else zero_ok([s_vec], ord, [vec_sizes])[0]
+                bad, c_vec = rescue(s_vec, c_vec, ok, vec_floor)
+                flags.append(jnp.any(bad))
+            if s_apart is None:
+                s_apart = leaf_sums(xs, c_apart, apart)
+            if apart:
+                oks = None
+                if zero_ok is not None:
+                    oks = zero_ok(s_apart, ord, [sizes[i] for i in apart])
+                new_c = []
+                for j, i in enumerate(apart):
+                    ok = None if oks is None else oks[j]
+                    floor = _underflow_floor(sizes[i], dtype)
+                    bad, c = rescue(s_apart[j], c_apart[j], ok, floor)
+                    new_c.append(c)
+                    flags.append(jnp.any(bad))
+                c_apart = new_c
+            again = stacked(jnp.any, flags)
+            if keep_union:  # units sharded over these axes differ per device: decide together
+                again = lax.pmax(again.astype(np.int32), keep_union) > 0
+            return c_vec, c_apart, s_vec, s_apart, again
+
+        def body(state):
+            return trip(state[0], state[1])
+
+        # Leaves kept apart take their scales' shardings from their ordinary sums.
+        s_apart = leaf_sums(xs, [None] * len(apart), apart)
+        c_apart = [jnp.ones_like(s) for s in s_apart]
+        c_vec = jnp.ones((units.size,), dtype)
+        if apart or _SHARED.get() is not None:
+            # The ordinary trip outside the loop: in a sharing scope (inside a guard) another
+            # transformation may reduce the same leaves (a clipper's global norm), and XLA
+            # merges identical reductions only outside the loop; the scales of leaves kept
+            # apart take their shardings from their ordinary sums.
+            init = trip(c_vec, c_apart, s_apart)
         else:
-            oks = zero_ok(sums, ord, sizes)
-            bad = [b | ((s == 0) & ~ok) for b, s, ok in zip(bad, sums, oks)]
-        any_bad = jnp.any(jnp.stack([jnp.any(b) for b in bad]))
-        if keep_union:  # units sharded over these axes differ per device: decide together
-            any_bad = lax.pmax(any_bad.astype(np.int32), keep_union) > 0
-        return lax.cond(
-            any_bad,
-            lambda: rescue(xs),
-            lambda: [Norm(jnp.ones_like(s), _finish(s, ord)) for s in sums],
-        )
+            init = (c_vec, c_apart, jnp.zeros((units.size,), dtype), s_apart, jnp.array(True))
+        c_vec, c_apart, s_vec, s_apart, _ = lax.while_loop(lambda st: st[4], body, init)
+        out: list[Any] = [None] * len(xs)
+        vec = Norm(1 / c_vec, _finish(s_vec, ord))
+        for j, i in enumerate(on_vec):
+            out[i] = Norm(units.take(vec.m, j), units.take(vec.r, j))
+        for j, i in enumerate(apart):
+            out[i] = Norm(1 / c_apart[j], _finish(s_apart[j], ord))
+        return out, vec
+
+    # The flat vector travels with the per-leaf norms (as the attribute ``flat`` of the list),
+    # so :func:`unit_clip` works on it directly instead of concatenating the per-leaf slices
+    # back (each slice would be a kernel of its own).
+    order = []
+    if flat and not mesh:
+        on_vec = [i for i, x in enumerate(leaves) if not _explicitly_sharded(x)]
+        units = _FlatUnits([leaves[i] for i in on_vec], [axes[i] for i in on_vec])
+        order = [on_vec[j] for j in units.order]
 
     @pairs.defjvp
     def pairs_jvp(primals, tangents):
         (xs,), (dxs,) = primals, tangents
-        out = pairs(xs)
+        out, vec = pairs(xs)
         local = [
             _tangent_partial(x, dx, o.m, ord, dtype, a) for x, dx, a, o in zip(xs, dxs, axes, out)
         ]
         dvalues = grouped_collective(local, red_axes, lax.psum)
         dout = [Norm(jnp.zeros_like(o.m), _tangent_r(dv, o, ord)) for o, dv in zip(out, dvalues)]
-        return out, dout
+        dvec = Norm(jnp.zeros_like(vec.m), jnp.zeros_like(vec.r))  # unused by any caller's jvp
+        if order:
+            dvec = Norm(dvec.m, jnp.concatenate([jnp.ravel(dout[i].r) for i in order]))
+        return (out, vec), (dout, dvec)
 
-    return pairs(list(leaves))
+    out, vec = pairs(list(leaves))
+    return UnitNorms(out, Flat(vec, order) if order else None)
 
 
 def combine(units: Sequence[Norm], ord: Any, keep: Sequence[tuple[str, ...]] | None = None) -> Norm:
@@ -778,19 +971,17 @@ def _combine(units: Sequence[Norm], ord: float) -> Norm:
                 jnp.concatenate([jnp.ravel(u.r) for u in plain]),
             )
         )
-    top = lambda xs: functools.reduce(jnp.maximum, xs)
+    top = lambda xs: stacked(jnp.max, xs)
     big = top([jnp.max(c.m * c.r, initial=0) for c in chunks])
     if ord == math.inf:
         return _from_max(big)
     # When a unit's value overflowed (entries near the dtype's max), pivot on the largest m.
-    finite = functools.reduce(
-        jnp.logical_and, [jnp.all(jnp.isfinite(c.m) & jnp.isfinite(c.r)) for c in chunks]
-    )
+    finite = stacked(jnp.all, [jnp.all(jnp.isfinite(c.m) & jnp.isfinite(c.r)) for c in chunks])
     m_max = top([jnp.max(c.m, initial=0) for c in chunks])
     pivot = jnp.where(jnp.isinf(big) & finite, m_max, big)
     ok = (pivot >= jnp.finfo(pivot.dtype).tiny) & jnp.isfinite(pivot)
     ratios = [times_inverse(c.m, jnp.where(ok, pivot, 1)) * c.r for c in chunks]
-    s = sum(jnp.sum(x * x) if ord == 2 else jnp.sum(x) for x in ratios)
+    s = stacked(jnp.sum, [jnp.sum(x * x) if ord == 2 else jnp.sum(x) for x in ratios])
     degenerate = _from_max(pivot)
     return Norm(jnp.where(ok, pivot, degenerate.m), jnp.where(ok, _finish(s, ord), degenerate.r))
 
@@ -813,8 +1004,64 @@ def summarize_units(
     clipped = grouped_collective(clipped, keep, lax.psum)
     scales = grouped_collective(scales, keep, lax.pmin)
     units = sum(c.size * axis_product(k) for (_, _, c), k in zip(factors, keep))
-    smallest = functools.reduce(jnp.minimum, scales) if scales else jnp.ones((), np.float32)
-    return total, smallest, sum(clipped, jnp.zeros((), np.int32)), units
+    smallest = stacked(jnp.min, scales) if scales else jnp.ones((), np.float32)
+    n_clipped = stacked(jnp.sum, clipped) if clipped else jnp.zeros((), np.int32)
+    return total, smallest, n_clipped, units
+
+
+def unit_clip(
+    leaves: Sequence[jax.Array],
+    norms: Sequence[Norm],
+    limits_for: Callable[[Any], jax.Array],
+    sizes: Sequence[int],
+    ord: Any,
+    keep: Sequence[tuple[str, ...]],
+) -> tuple[list[tuple[jax.Array, jax.Array, jax.Array]], Norm, jax.Array, Any, Any]:
+    """Each leaf's :func:`clip_factors` against ``limits_for(unit sizes)``, and the summary.
+
+    Returns the factors per leaf and :func:`summarize_units`' figures. Units of leaves that
+    are not explicitly sharded and whose units are the same on every device (no ``keep``
+    axes) are handled as one flat vector: per-leaf scalar chains would be merged by XLA into
+    one giant kernel, compiled in time superlinear in the number of leaves.
+    """
+    n = len(leaves)
+    flat = [i for i in range(n) if not keep[i] and not _explicitly_sharded(leaves[i])]
+    rest = [i for i in range(n) if i not in set(flat)]
+    factors: list[Any] = [None] * n
+    parts = []
+    given = getattr(norms, "flat", None)
+    if given is not None and set(given.order) <= set(flat):
+        flat, vec = list(given.order), given.norm  # the norms' own vector: no concatenation
+        rest = [i for i in range(n) if i not in set(flat)]
+    elif flat:
+        vec = Norm(
+            *(jnp.concatenate([jnp.ravel(u) for u in us]) for us in zip(*[norms[i] for i in flat]))
+        )
+    if flat:
+        counts = [int(jnp.size(norms[i].r)) for i in flat]
+        unit_sizes = np.concatenate([np.full(k, sizes[i]) for k, i in zip(counts, flat)])
+        p, q, clipped = materialize(*clip_factors(vec, limits_for(unit_sizes)))
+        start = 0
+        for i, k in zip(flat, counts):
+            shape = jnp.shape(norms[i].r)
+            factors[i] = tuple(v[start : start + k].reshape(shape) for v in (p, q, clipped))
+            start += k
+        parts.append((jnp.min(p * q, initial=1.0), jnp.sum(clipped, dtype=np.int32)))
+    for i in rest:
+        factors[i] = clip_factors(norms[i], limits_for(sizes[i]))
+    if flat and not any(keep):
+        total = combine([vec] + [norms[i] for i in rest], ord)
+    else:
+        total = combine(norms, ord, keep)
+    if rest:
+        _, smallest, n_clipped, _ = summarize_units(
+            [norms[i] for i in rest], [factors[i] for i in rest], ord, [keep[i] for i in rest]
+        )
+        parts.append((smallest, n_clipped))
+    units = sum(int(jnp.size(norms[i].r)) * axis_product(keep[i]) for i in range(n))
+    smallest = stacked(jnp.min, [a for a, _ in parts]) if parts else jnp.ones((), np.float32)
+    n_clipped = stacked(jnp.sum, [b for _, b in parts]) if parts else jnp.zeros((), np.int32)
+    return factors, total, smallest, n_clipped, units
 
 
 # ---------------------------------------------------------------------------
@@ -853,6 +1100,40 @@ def clip_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, ja
     split = whole < jnp.finfo(dtype).tiny
     p, q = jnp.where(split, p, one), jnp.where(split, q, whole)
     return jnp.where(clipped, p, one), jnp.where(clipped, q, one), clipped
+
+
+def materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """``xs`` unchanged, but computed once instead of inside every kernel that reads them.
+
+    XLA duplicates cheap scalar computations into each fusion that consumes them. For a
+    factor or a predicate applied to every leaf, that copies the whole chain that made it
+    into one kernel per leaf (compile time then grows as leaves x chain length: 40% of
+    the instructions of ``clip_by_global_norm`` at 100 leaves). A sort is never fused, so
+    passing the values through one (keyed on their index: the order is unchanged) computes
+    them once. Values of one dtype share one sort; booleans travel as int32.
+    """
+    out: list[Any] = list(xs)
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault((jnp.result_type(x), jnp.shape(x)), []).append(i)
+    for (dtype, _), idx in groups.items():
+        carrier = np.int32 if dtype == np.bool_ else dtype
+        values = jnp.stack([jnp.asarray(xs[i]).astype(carrier) for i in idx])
+        if _explicitly_sharded(values):  # a sort needs one sharding for keys and values
+            continue
+        keys = lax.broadcasted_iota(np.int32, values.shape, 0)
+        _, values = lax.sort((keys, values), dimension=0, num_keys=1)
+        for j, i in enumerate(idx):
+            out[i] = values[j].astype(dtype)
+    return tuple(out)
+
+
+def global_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`clip_factors` for a factor shared by many leaves (computed once: see
+    :func:`materialize`)."""
+    p, q, clipped = clip_factors(norm, limit)
+    p, q = materialize(p, q)
+    return p, q, clipped
 
 
 def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
@@ -902,7 +1183,7 @@ def global_norm(
     Accumulates in float32 (float64 when a leaf is float64); complex entries count by
     :math:`|z|^2`; ``None``, ``optax.MaskedNode``, empty trees and 0-size leaves count as 0.
     The ordinary path is one fused pass per leaf; only a sum that overflowed or fell below
-    ``n * tiny / eps`` runs a second, rescaled pass (``lax.cond``), so float32 entries of
+    ``n * tiny / eps`` runs a second, rescaled pass (``lax.while_loop``), so float32 entries of
     ``1e30`` or ``1e-30`` give the right norm. A NaN entry gives NaN, an infinite one inf.
     A norm beyond the result dtype's range is reported as inf (the clippers still clip such
     updates correctly). ``jax.grad`` through it is finite at zero (the subgradient 0).

@@ -191,7 +191,7 @@ def per_example_clip(
                 )
         global_batch = batch * num.axis_product(batch_axes)
         norms = _example_norms(leaves, param_axes, batch_axes, limit, dtype)
-        p, q, clipped = num.clip_factors(norms, limit)
+        p, q, clipped = num.global_factors(norms, limit)
 
         def clip_and_reduce(x):
             wide = np.float64 if dtype == np.float64 else np.float32

@@ -214,6 +214,7 @@ def adagc(
 
         p = jnp.where(total.finite, jnp.where(warming, gp, lp), 1)
         q = jnp.where(total.finite, jnp.where(warming, gq, lq), 1)
+        p, q = num.materialize(p, q)  # read by every leaf: computed once
 
         def part(v, i, x, k):  # leaf i's slices of a per-slice vector, shaped to broadcast
             return v[offsets[i] : offsets[i + 1]].reshape(x.shape[:k] + (1,) * (x.ndim - k))

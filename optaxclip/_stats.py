@@ -41,9 +41,11 @@ class ClipStats(NamedTuple):
 
 
 def init_stats() -> ClipStats:
+    # A fresh array per field: a state holding one array twice cannot be donated
+    # (``jax.jit(..., donate_argnums=...)`` refuses to donate a buffer twice).
     f32 = lambda v: jnp.asarray(v, np.float32)
-    i32 = jnp.zeros((), np.int32)
-    return ClipStats(f32(0.0), f32(0.0), f32(1.0), f32(0.0), i32, i32, i32)
+    i32 = lambda: jnp.zeros((), np.int32)
+    return ClipStats(f32(0.0), f32(0.0), f32(1.0), f32(0.0), i32(), i32(), i32())
 
 
 def next_stats(

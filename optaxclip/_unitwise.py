@@ -191,6 +191,7 @@ def adaptive_grad_clip(
             axes + axes,
             zero_ok=zero_ok,
             mesh=None if mesh is None else mesh + mesh,
+            flat=False,  # zero_ok pairs each gradient leaf with its parameter leaf
         )
         g_norms, p_norms = norms[:n], norms[n:]
         factors = [
