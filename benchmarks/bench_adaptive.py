@@ -105,8 +105,9 @@ class Method:
     key: str
     label: str
     make: Callable[[], optax.GradientTransformation]
-    target: float | None  # max ratio to clip_by_global_norm; None: reported, no target
+    target: float | None  # max ratio to its reference; None: reported, no target
     phase: str  # what its state looks like after WARMUP_STEPS updates
+    ref: str = "clip_by_global_norm"  # the program it is compared with (its group's twin)
 
 
 METHODS = (
@@ -153,6 +154,29 @@ METHODS = (
         lambda: oc.spike_aware_clip(),
         None,
         "past its 20-step warm-up",
+    ),
+    Method(
+        "skip_spikes",
+        "oc.skip_spikes()",
+        lambda: oc.skip_spikes(),
+        1.05,
+        "spike guard alone (norm ring filling)",
+    ),
+    Method(
+        "skip_spikes_zclip",
+        "oc.skip_spikes(oc.zclip())",
+        lambda: oc.skip_spikes(oc.zclip()),
+        1.05,
+        "guard around zclip: one norm shared",
+        ref="zclip",
+    ),
+    Method(
+        "chain_skip_spikes_zclip",
+        "optax.chain(oc.skip_spikes(), oc.zclip())",
+        lambda: optax.chain(oc.skip_spikes(), oc.zclip()),
+        1.05,
+        "guard, then zclip, as two chained transforms",
+        ref="zclip",
     ),
     Method(
         OPTAX_CLIP,
@@ -309,8 +333,10 @@ def bench_group(group: str, grads: Any, params: Any, sizes: Sizes) -> dict[str, 
             "state_over_grad": tree_bytes(state) / grad_bytes,
             **inspect_compiled(c, grad_bytes, largest_leaf),
         }
+        ref = method.ref if method else BASELINE
+        r["reference"] = ref
         r["vs_baseline"] = float(np.median(times[key])) / base_median
-        r["paired_vs_baseline"] = paired(times, key, BASELINE)
+        r["paired_vs_baseline"] = paired(times, key, ref)
         if ADAM in times:
             r["paired_vs_adam"] = paired(times, key, ADAM)
         r["target"] = target
@@ -338,13 +364,14 @@ def timing_table(group: dict[str, Any]) -> str:
     """Times, ratios to the baseline with the targets, and compile times (× adam in chains)."""
     with_adam = any("paired_vs_adam" in r for r in group["contenders"].values())
     headers = ["program", "median ms", "IQR ms", "× baseline (medians)"]
-    headers += ["× baseline paired (IQR)", "target", "verdict"]
+    headers += ["reference", "× reference paired (IQR)", "target", "verdict"]
     headers += ["× adam paired"] if with_adam else []
     headers += ["trace+lower s", "compile s"]
     rows = []
     for r in group["contenders"].values():
         row = [r["label"], _ms(r["median_ms"]), _ms(r["iqr_ms"]), f"{r['vs_baseline']:.3f}"]
         row += [
+            r["reference"],
             _p(r["paired_vs_baseline"]),
             "—" if r["target"] is None else f"≤ {r['target']:.2f}",
             r["verdict"],

@@ -179,11 +179,14 @@ def adaptive_grad_clip(
 
         def zero_ok(sums, ord, sizes):
             # Units whose sum underflowed to exactly 0 skip the rescaled pass when no
-            # decision can change: a weight norm below eps, a gradient norm below its bound.
-            ok_p = [floor >= num.zero_bound(k, ord, dtype) for k in sizes[n:]]
-            limits = [lam * jnp.maximum(jnp.sqrt(s), floor) for s in sums[n:]]
-            ok_g = [lim >= num.zero_bound(k, ord, dtype) for lim, k in zip(limits, sizes)]
-            return [jnp.broadcast_to(o, s.shape) for o, s in zip(ok_g + ok_p, sums)]
+            # decision can change: every limit is at least min(clipping, 1) * eps (a weight
+            # norm is floored at eps), so a norm below the bound of a zero sum decides
+            # nothing. (Elementwise in the sizes: the units may sit on one flat vector.)
+            low = jnp.minimum(lam, 1) * floor
+            return [
+                jnp.broadcast_to(low >= num.zero_bound(k, ord, dtype), jnp.shape(s))
+                for s, k in zip(sums, sizes)
+            ]
 
         norms = num.unit_pairs(
             g_leaves + p_leaves,
@@ -191,7 +194,6 @@ def adaptive_grad_clip(
             axes + axes,
             zero_ok=zero_ok,
             mesh=None if mesh is None else mesh + mesh,
-            flat=False,  # zero_ok pairs each gradient leaf with its parameter leaf
         )
         g_norms, p_norms = norms[:n], norms[n:]
         factors = [

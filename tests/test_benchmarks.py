@@ -26,18 +26,6 @@ def _run(script: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_benchmark_quick_run_writes_every_tree(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = _run(SCRIPT, "--quick", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert set(results["trees"]) == {"transformer_f32", "small_leaves_f32", "transformer_bf16"}
-    for tree in results["trees"].values():
-        assert tree["clip_max_rel_diff_vs_optax"] < (1e-2 if tree["dtype"] == "bfloat16" else 1e-5)
-        assert "optaxclip.clip_by_global_norm" in tree["contenders"]
-    assert "| contender |" in proc.stdout
-
-
 def test_benchmark_rejects_bad_options():
     proc = _run(SCRIPT, "--reps", "0")
     assert proc.returncode == 2 and "--reps: expected a positive integer, got 0" in proc.stderr
@@ -52,28 +40,63 @@ ADAPTIVE_METHODS = {
     "adagc_warmup",
     "adagc",
     "spike_aware_clip",
+    "skip_spikes",
+    "skip_spikes_zclip",
+    "chain_skip_spikes_zclip",
     "optax_clip_by_global_norm",
 }
 
 
-def test_bench_adaptive_quick_run_writes_every_method(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = _run(ADAPTIVE_SCRIPT, "--quick", "--out", str(out))
+RUN_SCRIPT = BENCHMARKS / "run.py"
+FIXED_PAIRS = {
+    "optaxclip.clip_by_global_norm",
+    "optaxclip.clip_by_value",
+    "optaxclip.clip_by_block_rms",
+    "optaxclip.clip_by_leaf_norm",
+    "optaxclip.adaptive_grad_clip",
+    "clip_by_global_norm, rescue removed",
+}
+
+
+def test_run_quick_writes_every_section(tmp_path):
+    # One command runs bench_perf, bench_clip and bench_adaptive, then tabulates the targets.
+    proc = _run(RUN_SCRIPT, "--quick", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert set(results["methods"]) == ADAPTIVE_METHODS
-    assert set(results["groups"]) == {"update", "chain"}
-    for name, group in results["groups"].items():
-        contenders = group["contenders"]
-        assert ADAPTIVE_METHODS <= set(contenders), name
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert {"bench_perf", "bench_clip", "bench_adaptive"} == set(run["section_wall_s"])
+    wheres = {t["where"] for t in run["targets"]}
+    assert {"transformer_f32", "small_leaves_f32", "transformer_bf16"} <= wheres
+    assert {"memory, 20 donated steps", "dispatch, 100 steps"} <= wheres
+    assert any(w.startswith("compile, ") for w in wheres)
+    assert all(isinstance(t["met"], bool) and t["ratio"] > 0 for t in run["targets"])
+    assert "# Targets" in proc.stdout and "| where |" in proc.stdout
+
+    clip = json.loads((tmp_path / "bench_clip.json").read_text())
+    for tree in clip["trees"].values():
+        assert tree["clip_max_rel_diff_vs_optax"] < (1e-2 if tree["dtype"] == "bfloat16" else 1e-5)
+        agc = set() if tree["leaves"] <= 500 else {"optaxclip.adaptive_grad_clip"}
+        assert set(tree["pair_max_rel_diff"]) == FIXED_PAIRS - agc
+        tol = 2e-2 if tree["dtype"] == "bfloat16" else 1e-5
+        assert max(tree["pair_max_rel_diff"].values()) < tol, tree["pair_max_rel_diff"]
+
+    adaptive = json.loads((tmp_path / "bench_adaptive.json").read_text())
+    assert set(adaptive["methods"]) == ADAPTIVE_METHODS
+    for group in adaptive["groups"].values():
         assert group["baseline_vs_optax_max_rel_diff"] < 1e-5
         for key in ADAPTIVE_METHODS:
-            r = contenders[key]
+            r = group["contenders"][key]
             assert r["median_ms"] > 0 and r["compile_s"] > 0 and "paired_vs_baseline" in r
-    assert "adam" in results["groups"]["chain"]["contenders"]
-    spam = results["groups"]["update"]["contenders"]["spike_aware_clip"]
-    assert spam["state_over_grad"] >= 1.0 and "temp_bytes" in spam
-    assert "| program |" in proc.stdout
+    assert adaptive["groups"]["chain"]["contenders"]["skip_spikes_zclip"]["reference"] == "zclip"
+
+    perf = json.loads((tmp_path / "bench_perf.json").read_text())
+    assert perf["dispatch"]["all_ran_ahead"]
+    for program in perf["memory"]["programs"].values():
+        assert program["steps_peak_rss_bytes"] > program["grad_bytes"]
+
+
+def test_bench_perf_rejects_bad_sections():
+    proc = _run(BENCHMARKS / "bench_perf.py", "--sections", "compile,speed")
+    assert proc.returncode == 2 and "--sections" in proc.stderr and "speed" in proc.stderr
 
 
 def test_bench_adaptive_rejects_bad_options():

@@ -1,0 +1,404 @@
+"""Compile time, memory and dispatch of ``optax.chain(clipper, optax.adam)`` against Adam.
+
+Run from the repository root (``benchmarks/run.py`` runs it with the other benchmarks)::
+
+    python benchmarks/bench_perf.py                 # full run: about 4 minutes on 2 CPU cores
+    python benchmarks/bench_perf.py --quick         # smoke run: small trees, well under a minute
+    python benchmarks/bench_perf.py --sections compile,memory
+
+Three sections:
+
+* ``compile``: trace+lower and XLA compile time of the jitted update of ``optax.adam(1e-3)``,
+  ``chain(oc.clip_by_global_norm(1.0), adam)`` and ``chain(optax.clip_by_global_norm(1.0),
+  adam)`` on transformer-like trees of about 100, 1,000 and 5,000 leaves (12 leaves per
+  layer of d=32, plus embedding and final norm). Repetitions alternate the programs; each
+  compilation starts from fresh transformations (nothing is cached; the persistent cache is
+  off). optax's chain is skipped at 5,000 leaves: it takes about 17 minutes there.
+* ``memory``: one fresh process per program runs 20 jitted training steps (update, then
+  ``optax.apply_updates``) on bench_clip.py's 25M-parameter tree with the parameters and
+  optimizer state donated. Reported: the peak resident memory of the steps (``VmHWM``,
+  reset after compilation and one warm-up step), the peak of the whole process, and XLA's
+  memory analysis of the step (temp buffer bytes).
+* ``dispatch``: for each transformation, ``chain(it, adam)`` runs 100 steps in a Python loop
+  without blocking, under ``jax.transfer_guard("disallow")`` (a device-to-host transfer
+  would raise); reported: the time to dispatch the 100 steps, the time until the last one
+  finished, and whether the last result was still pending when the loop returned (the
+  loop ran ahead of the device: no step waited on the host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_clip import (
+    _bytes,
+    check_out_path,
+    load_average,
+    machine_info,
+    markdown_table,
+    random_tree,
+    report_machine,
+    transformer_shapes,
+)
+
+import optaxclip as oc
+
+LEARNING_RATE = 1e-3
+SEED = 0
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_perf.json"
+SECTIONS = ("compile", "memory", "dispatch")
+
+COMPILE_LEAVES = {"full": (100, 1000, 5000), "quick": (40,)}
+COMPILE_REPS = {100: 3, 1000: 2, 5000: 1, 40: 1}
+OPTAX_CHAIN_MAX_LEAVES = 1000  # optax's chain at 5,000 leaves compiles for ~17 minutes
+MEMORY_STEPS = 20
+MEMORY_TREE = {"full": (320, 12, 32_000), "quick": (64, 2, 1024)}  # d, layers, vocab
+DISPATCH_TREE = {"full": (256, 2, 2048), "quick": (256, 1, 2048)}
+DISPATCH_QUICK = ("clip_by_global_norm(1.0)", "zclip()", "skip_spikes()")
+DISPATCH_STEPS = 100
+
+TARGETS = {"compile": 1.3, "memory": 1.05}
+
+
+def adam() -> optax.GradientTransformation:
+    return optax.adam(LEARNING_RATE)
+
+
+CHAIN_PROGRAMS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "adam": adam,
+    "chain(oc.clip_by_global_norm, adam)": lambda: optax.chain(oc.clip_by_global_norm(1.0), adam()),
+    "chain(optax.clip_by_global_norm, adam)": lambda: optax.chain(
+        optax.clip_by_global_norm(1.0), adam()
+    ),
+}
+OURS, OPTAX_CHAIN = "chain(oc.clip_by_global_norm, adam)", "chain(optax.clip_by_global_norm, adam)"
+
+
+def layered_shapes(leaves: int) -> dict[str, tuple[int, ...]]:
+    """A transformer-like tree of about ``leaves`` leaves (12 per layer, plus 3), d=32."""
+    return transformer_shapes(32, max(1, (leaves - 3) // 12), 512)
+
+
+# ---------------------------------------------------------------------------
+# Compile time
+# ---------------------------------------------------------------------------
+
+
+def compile_once(
+    make: Callable[[], optax.GradientTransformation], tree: Any
+) -> tuple[float, float]:
+    """Seconds to trace+lower and to compile ``jit(tx.update)`` for a fresh ``tx``."""
+    tx = make()
+    state = tx.init(tree)
+    t0 = time.perf_counter()
+    lowered = jax.jit(tx.update).lower(tree, state, tree)
+    t1 = time.perf_counter()
+    lowered.compile()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def bench_compile(quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in COMPILE_LEAVES["quick" if quick else "full"]:
+        shapes = layered_shapes(n)
+        tree = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
+        names = [k for k in CHAIN_PROGRAMS if k != OPTAX_CHAIN or n <= OPTAX_CHAIN_MAX_LEAVES]
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
+        for _ in range(COMPILE_REPS.get(n, 1)):
+            for name in names:
+                runs[name].append(compile_once(CHAIN_PROGRAMS[name], tree))
+                lower, comp = runs[name][-1]
+                print(f"  {len(shapes)} leaves, {name}: lower {lower:.2f} s, compile {comp:.2f} s")
+        res = {}
+        for name, rs in runs.items():
+            total = [a + b for a, b in rs]
+            res[name] = {
+                "lower_s": float(np.median([a for a, _ in rs])),
+                "compile_s": float(np.median([b for _, b in rs])),
+                "total_s": float(np.median(total)),
+                "samples_total_s": [round(t, 3) for t in total],
+            }
+        for name in names:
+            res[name]["vs_adam"] = res[name]["total_s"] / res["adam"]["total_s"]
+        out[str(len(shapes))] = {
+            "leaves": len(shapes),
+            "params": int(sum(np.prod(s) for s in shapes.values())),
+            "reps": COMPILE_REPS.get(n, 1),
+            "programs": res,
+            "skipped": [k for k in CHAIN_PROGRAMS if k not in names],
+            "target": TARGETS["compile"],
+            "met": res[OURS]["vs_adam"] <= TARGETS["compile"],
+        }
+    return out
+
+
+def compile_table(section: dict[str, Any]) -> str:
+    rows = []
+    for _key, r in section.items():
+        for name, p in r["programs"].items():
+            rows.append(
+                [
+                    f"{r['leaves']:,}",
+                    name,
+                    f"{p['lower_s']:.2f}",
+                    f"{p['compile_s']:.2f}",
+                    f"{p['total_s']:.2f}",
+                    f"{p['vs_adam']:.2f}",
+                    ("yes" if r["met"] else "**no**") if name == OURS else "",
+                ]
+            )
+        for name in r["skipped"]:
+            rows.append([f"{r['leaves']:,}", name, "—", "—", "not run (~17 min)", "—", ""])
+    headers = ["leaves", "program", "trace+lower s", "compile s", "total s", "× adam"]
+    return markdown_table([*headers, f"≤ {TARGETS['compile']} × adam"], rows)
+
+
+# ---------------------------------------------------------------------------
+# Memory (one process per program)
+# ---------------------------------------------------------------------------
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_worker(name: str, quick: bool) -> dict[str, Any]:
+    """Runs MEMORY_STEPS donated training steps of one program; its memory figures."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    d, layers, vocab = MEMORY_TREE["quick" if quick else "full"]
+    shapes = transformer_shapes(d, layers, vocab)
+    grads = random_tree(shapes, jnp.float32, SEED)
+    params = random_tree(shapes, jnp.float32, SEED + 1)
+    tx = CHAIN_PROGRAMS[name]()
+    state = tx.init(params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    analysis = compiled.memory_analysis()
+    params, state = compiled(params, state, grads)
+    jax.block_until_ready((params, state))
+    reset = _reset_peak_rss()
+    for _ in range(MEMORY_STEPS):
+        params, state = compiled(params, state, grads)
+    jax.block_until_ready((params, state))
+    grad_bytes = sum(x.nbytes for x in jax.tree.leaves(grads))
+    return {
+        "program": name,
+        "steps_peak_rss_bytes": _vm_hwm() if reset else None,
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes),
+        "grad_bytes": grad_bytes,
+        "state_bytes": sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")),
+    }
+
+
+def bench_memory(quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in CHAIN_PROGRAMS:
+        cmd = [sys.executable, __file__, "--memory-worker", name] + (["--quick"] if quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory worker for {name} failed:\n{proc.stderr[-3000:]}")
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        peak = out[name]["steps_peak_rss_bytes"]
+        print(f"  {name}: peak RSS of the steps {_bytes(peak or 0)}")
+    base = out["adam"]
+    for r in out.values():
+        if r["steps_peak_rss_bytes"] and base["steps_peak_rss_bytes"]:
+            r["steps_peak_vs_adam"] = r["steps_peak_rss_bytes"] / base["steps_peak_rss_bytes"]
+        r["temp_over_grad"] = (r["temp_bytes"] or 0) / r["grad_bytes"]
+    ours = out[OURS].get("steps_peak_vs_adam")
+    return {
+        "programs": out,
+        "target": TARGETS["memory"],
+        "met": None if ours is None else ours <= TARGETS["memory"],
+    }
+
+
+def memory_table(section: dict[str, Any]) -> str:
+    rows = [
+        [
+            name,
+            _bytes(r["steps_peak_rss_bytes"] or 0),
+            f"{r.get('steps_peak_vs_adam', float('nan')):.3f}",
+            _bytes(r["process_peak_rss_bytes"]),
+            _bytes(r["temp_bytes"] or 0),
+            f"{r['temp_over_grad']:.4f}",
+        ]
+        for name, r in section["programs"].items()
+    ]
+    headers = ["program", "peak RSS, 20 steps", "× adam", "peak RSS, process (incl. compile)"]
+    return markdown_table([*headers, "XLA temp of the step", "temp / grad bytes"], rows)
+
+
+# ---------------------------------------------------------------------------
+# Dispatch ahead
+# ---------------------------------------------------------------------------
+
+
+def dispatch_transforms() -> dict[str, Callable[[], optax.GradientTransformation]]:
+    """Every public transformation that takes a plain gradient tree, with its defaults."""
+    return {
+        "clip_by_value(1.0)": lambda: oc.clip_by_value(1.0),
+        "clip_by_global_norm(1.0)": lambda: oc.clip_by_global_norm(1.0),
+        "clip_by_leaf_norm(1.0)": lambda: oc.clip_by_leaf_norm(1.0),
+        "clip_by_block_rms(1.0)": lambda: oc.clip_by_block_rms(1.0),
+        "adaptive_grad_clip()": lambda: oc.adaptive_grad_clip(),
+        "autoclip(10.0)": lambda: oc.autoclip(10.0),
+        "zclip()": lambda: oc.zclip(),
+        "quantile_clip()": lambda: oc.quantile_clip(),
+        "adagc()": lambda: oc.adagc(),
+        "spike_aware_clip()": lambda: oc.spike_aware_clip(),
+        "skip_nonfinite()": lambda: oc.skip_nonfinite(),
+        "skip_spikes()": lambda: oc.skip_spikes(),
+        "monitor()": lambda: oc.monitor(),
+    }
+
+
+def bench_dispatch(quick: bool) -> dict[str, Any]:
+    d, layers, vocab = DISPATCH_TREE["quick" if quick else "full"]
+    shapes = transformer_shapes(d, layers, vocab)
+    grads = random_tree(shapes, jnp.float32, SEED)
+    out: dict[str, Any] = {}
+    programs = {"adam alone": adam}
+    programs.update(
+        {
+            f"chain({k}, adam)": (lambda m=m: optax.chain(m(), adam()))
+            for k, m in dispatch_transforms().items()
+            if not quick or k in DISPATCH_QUICK
+        }
+    )
+    for name, make in programs.items():
+        tx = make()
+
+        def step(params, state, grads, tx=tx):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        params = jax.tree.map(jnp.zeros_like, grads)
+        state = tx.init(params)
+        fn = jax.jit(step, donate_argnums=(0, 1))
+        params, state = jax.block_until_ready(fn(params, state, grads))  # compile, warm up
+        with jax.transfer_guard("disallow"):
+            t0 = time.perf_counter()
+            for _ in range(DISPATCH_STEPS):
+                params, state = fn(params, state, grads)
+            t1 = time.perf_counter()
+            pending = not all(x.is_ready() for x in jax.tree.leaves(params))
+            jax.block_until_ready((params, state))
+            t2 = time.perf_counter()
+        out[name] = {
+            "dispatch_s": t1 - t0,
+            "finish_s": t2 - t0,
+            "dispatch_over_finish": (t1 - t0) / (t2 - t0),
+            "pending_after_loop": pending,
+        }
+    return {
+        "tree_params": int(sum(np.prod(s) for s in shapes.values())),
+        "steps": DISPATCH_STEPS,
+        "programs": out,
+        "all_ran_ahead": all(r["pending_after_loop"] for r in out.values()),
+    }
+
+
+def dispatch_table(section: dict[str, Any]) -> str:
+    rows = [
+        [
+            name,
+            f"{1e3 * r['dispatch_s']:.1f}",
+            f"{1e3 * r['finish_s']:.1f}",
+            f"{r['dispatch_over_finish']:.3f}",
+            "yes" if r["pending_after_loop"] else "**no**",
+        ]
+        for name, r in section["programs"].items()
+    ]
+    headers = ["program", "dispatch 100 steps, ms", "until done, ms", "ratio"]
+    return markdown_table([*headers, "last step pending after the loop"], rows)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Compile time, memory and dispatch-ahead of chain(clipper, adam)."
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--quick", action="store_true", help="small trees: a smoke run")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.sections = [s for s in args.sections.split(",") if s]
+    bad = [s for s in args.sections if s not in SECTIONS]
+    if bad or not args.sections:
+        parser.error(f"--sections: expected names from {','.join(SECTIONS)}, got {bad or '[]'}")
+    check_out_path(parser, args.out)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_worker is not None:
+        print(json.dumps(memory_worker(args.memory_worker, args.quick)))
+        return 0
+    start = time.perf_counter()
+    jax.config.update("jax_enable_compilation_cache", False)
+    machine = {**machine_info(), "load_average_start": load_average()}
+    print("# optaxclip compile time, memory and dispatch" + (" (--quick)" if args.quick else ""))
+    print()
+    print(report_machine(machine))
+    record: dict[str, Any] = {"benchmark": "bench_perf", "quick": args.quick, "machine": machine}
+    runners = {"compile": bench_compile, "memory": bench_memory, "dispatch": bench_dispatch}
+    tables = {"compile": compile_table, "memory": memory_table, "dispatch": dispatch_table}
+    for name in args.sections:
+        print(f"\n## {name}\n", flush=True)
+        record[name] = runners[name](args.quick)
+        print()
+        print(tables[name](record[name]), flush=True)
+    record["wall_s"] = time.perf_counter() - start
+    record["load_average_end"] = load_average()
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\ntotal wall time: {record['wall_s']:.1f} s; results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
