@@ -194,6 +194,9 @@ def adaptive_grad_clip(
             axes + axes,
             zero_ok=zero_ok,
             mesh=None if mesh is None else mesh + mesh,
+            # one array per leaf: units of a leaf sharded along a kept dimension (GSPMD) keep
+            # that sharding, which a flat vector of every unit would tie to the others'
+            flat=False,
         )
         g_norms, p_norms = norms[:n], norms[n:]
         factors = [
