@@ -738,12 +738,6 @@ class _FlatUnits:
         start, shape = self.offsets[i], self.shapes[i]
         return vector[start : start + math.prod(shape)].reshape(shape)
 
-    def flatten(self, per_leaf: Sequence[Any]) -> jax.Array:
-        """Per-leaf arrays (broadcast to each leaf's unit shape) as one flat vector."""
-        return jnp.concatenate(
-            [jnp.ravel(jnp.broadcast_to(per_leaf[i], self.shapes[i])) for i in self.order]
-        )
-
     def unit_sizes(self, sizes: Sequence[int]) -> np.ndarray:
         """The number of entries of each unit, as a vector aligned with the units."""
         return np.concatenate([np.full(math.prod(self.shapes[i]), sizes[i]) for i in self.order])
