@@ -44,8 +44,8 @@ def _gated(ok, updates, inner_state, inner, params, extra_args):
         new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
         inner_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, inner_state)
         updates = new_updates
-    updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-    return updates, inner_state
+    gate = lambda u: jnp.where(ok, num.own_read(u), jnp.zeros_like(u))
+    return jax.tree.map(gate, updates), inner_state
 
 
 def _sharing(update_fn):

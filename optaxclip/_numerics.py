@@ -3,11 +3,10 @@
 Every norm is accumulated in float32 (float64 when a leaf is float64), in one fused pass
 per leaf on the path ordinary inputs take. Only when that pass overflowed (``inf``) or may
 have lost mass to underflow (a sum below ``n * tiny / eps``, ``n`` the number of entries)
-does a rescaled pass run. The global norm multiplies every entry by a fixed power of two
-chosen so that nothing overflows and no mass that matters is lost (see
-``_RESCUE_EXPONENTS``), in a second trip of the same ``lax.while_loop`` body, so its
-reductions are compiled once; per-unit norms divide each unit by its largest magnitude
-(``lax.cond``).
+does a rescaled pass run: it multiplies every entry (of the global norm, or of each unit
+that needs it) by a fixed power of two chosen so that nothing overflows and no mass that
+matters is lost (see ``_RESCUE_EXPONENTS``), in a ``lax.while_loop`` that takes at most one
+trip and none on ordinary inputs.
 
 A norm is carried as a pair ``Norm(m, r)`` whose value is ``m * r``: ``m`` is 1 on the
 ordinary path and the rescaling factor (a power of two, or the largest magnitude) on the
@@ -100,6 +99,12 @@ def _wide(x: jax.Array, dtype: np.dtype) -> jax.Array:
 def _times(x: jax.Array, c: jax.Array, dtype: np.dtype) -> jax.Array:
     """``x * c`` in the accumulation dtype for a real ``c`` (complex ``x`` stays complex)."""
     xw = _wide(x, dtype)
+    if xw.dtype != jnp.result_type(x):
+        # Inside the rescue loop the widening convert does not depend on the loop: XLA hoists
+        # it out and writes a widened copy of the leaf on every step (3.4x the time of the
+        # norm of a bfloat16 tree). Passing x through a barrier with c keeps it in the loop.
+        x, c = lax.optimization_barrier((x, c))
+        xw = _wide(x, dtype)
     return xw * c.astype(xw.dtype)
 
 
@@ -589,23 +594,19 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
         def sums(c):
             if c is None:
                 return red.sum([jnp.sum(_magnitude(x, ord, dtype)) for x in chunks])
-            return red.sum([jnp.sum(_magnitude(_times(x, c, dtype), ord, dtype)) for x in chunks])
+            # A copy of c per chunk: XLA (CPU) would otherwise broadcast c once per shape and
+            # keep the broadcast in memory, feeding the kernels of every leaf of that shape.
+            cs = materialize(*[c] * len(chunks))
+            parts = [
+                jnp.sum(_magnitude(_times(x, ci, dtype), ord, dtype)) for x, ci in zip(chunks, cs)
+            ]
+            return red.sum(parts)
 
-        # One loop body, so the reduction kernels are compiled once: the first trip sums
-        # with c = 1; only a sum that overflowed or fell below the floor takes a second
-        # trip with c = 2**down or 2**up (never a third).
-        def body(state):
-            c, _, _ = state
-            s = sums(c)
-            again = (c == one) & (jnp.isinf(s) | (s < floor))
-            return jnp.where(again, jnp.where(jnp.isinf(s), down, up), c), s, again
-
-        if _SHARED.get() is None:
-            c, s, _ = lax.while_loop(lambda st: st[2], body, (one, zero, jnp.array(True)))
-            return Norm(1 / c, _finish(s, ord))  # 1 / c is exact: a power of two in range
-        # In a sharing scope (inside a guard), other transformations may reduce the same
-        # leaves (monitor's per-leaf norms): the ordinary pass is emitted outside the loop,
-        # where XLA merges identical reductions, and the loop only holds the rescue trip.
+        # The ordinary pass runs outside the loop: a loop body costs the ordinary path a
+        # multiplication by c (measured 10% on a 25M float32 tree), and XLA merges identical
+        # reductions of the same leaves (monitor's, inside a guard) only outside a loop. Only
+        # a sum that overflowed or fell below the floor takes the loop's one trip, rescaled by
+        # 2**down or 2**up (a loop, not a cond: under vmap a cond runs both branches).
         s = sums(None)
         bad = jnp.isinf(s) | (s < floor)
         init = (jnp.where(bad, jnp.where(jnp.isinf(s), down, up), one), s, bad)
@@ -742,19 +743,23 @@ class _FlatUnits:
         """The number of entries of each unit, as a vector aligned with the units."""
         return np.concatenate([np.full(math.prod(self.shapes[i]), sizes[i]) for i in self.order])
 
-    def sums(self, ord: float, dtype: np.dtype, c: jax.Array) -> jax.Array:
-        """``sum(|x * c|**ord)`` of every unit, ``c`` a flat vector of per-unit scales."""
+    def sums(self, ord: float, dtype: np.dtype, c: jax.Array | None) -> jax.Array:
+        """``sum(|x * c|**ord)`` of every unit, ``c`` a flat vector of per-unit scales (or
+        ``None``: unscaled)."""
         parts = []
         for i in self.direct:
             x, a = self.leaves[i], self.axes[i]
-            s = jnp.sum(_magnitude(_times(x, self.take(c, i), dtype), ord, dtype), a, keepdims=True)
+            x = x if c is None else _times(x, self.take(c, i), dtype)
+            s = jnp.sum(_magnitude(x, ord, dtype), a, keepdims=True)
             parts.append(jnp.ravel(s))
         for (_, width), idx in self.groups:
             rows = [_unit_matrix(self.leaves[i], self.axes[i], width) for i in idx]
             stacked_rows = rows[0] if len(rows) == 1 else jnp.concatenate(rows)
-            start = self.offsets[idx[0]]
-            scale = c[start : start + stacked_rows.shape[0], None]
-            parts.append(jnp.sum(_magnitude(_times(stacked_rows, scale, dtype), ord, dtype), 1))
+            if c is not None:
+                start = self.offsets[idx[0]]
+                scale = c[start : start + stacked_rows.shape[0], None]
+                stacked_rows = _times(stacked_rows, scale, dtype)
+            parts.append(jnp.sum(_magnitude(stacked_rows, ord, dtype), 1))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
@@ -771,8 +776,7 @@ def _unit_pairs(
 
     The ordinary pass sums each unit as is. A unit whose sum overflowed, or fell below
     ``n * tiny / eps``, is summed again with its entries multiplied by a fixed power of two
-    (``_RESCUE_EXPONENTS``), in a second trip of the same ``lax.while_loop`` body, so the
-    reductions are compiled once.
+    (``_RESCUE_EXPONENTS``), in one trip of a ``lax.while_loop`` (no trip on ordinary inputs).
 
     A unit whose ordinary sum is exactly 0 may hold entries that all flushed to zero (the
     true norm is then below :func:`zero_bound`). By default such a unit takes the rescaled
@@ -834,9 +838,9 @@ def _unit_pairs(
         vec_sizes = units.unit_sizes([sizes[i] for i in on_vec]) if on_vec else None
         vec_floor = None if not on_vec else _underflow_floor(vec_sizes.astype(dtype), dtype)
 
-        def trip(c_vec, c_apart, s_apart=None):
+        def trip(c_vec, c_apart, s_apart=None, first=False):
             flags = []
-            s_vec = units.sums(ord, dtype, c_vec) if on_vec else c_vec
+            s_vec = units.sums(ord, dtype, None if first else c_vec) if on_vec else c_vec
             if on_vec:
                 ok = None if zero_ok is None else zero_ok([s_vec], ord, [vec_sizes])[0]
                 bad, c_vec = rescue(s_vec, c_vec, ok, vec_floor)
@@ -863,18 +867,12 @@ def _unit_pairs(
         def body(state):
             return trip(state[0], state[1])
 
-        # Leaves kept apart take their scales' shardings from their ordinary sums.
+        # The ordinary trip runs outside the loop (see _global_pair); the scales of leaves kept
+        # apart take their shardings from their ordinary sums.
         s_apart = leaf_sums(xs, [None] * len(apart), apart)
         c_apart = [jnp.ones_like(s) for s in s_apart]
         c_vec = jnp.ones((units.size,), dtype)
-        if apart or _SHARED.get() is not None:
-            # The ordinary trip outside the loop: in a sharing scope (inside a guard) another
-            # transformation may reduce the same leaves (a clipper's global norm), and XLA
-            # merges identical reductions only outside the loop; the scales of leaves kept
-            # apart take their shardings from their ordinary sums.
-            init = trip(c_vec, c_apart, s_apart)
-        else:
-            init = (c_vec, c_apart, jnp.zeros((units.size,), dtype), s_apart, jnp.array(True))
+        init = trip(c_vec, c_apart, s_apart, first=True)
         c_vec, c_apart, s_vec, s_apart, _ = lax.while_loop(lambda st: st[4], body, init)
         out: list[Any] = [None] * len(xs)
         vec = Norm(1 / c_vec, _finish(s_vec, ord))
@@ -1130,12 +1128,22 @@ def global_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, 
     return p, q, clipped
 
 
+def own_read(x: jax.Array, tag: int = 0) -> jax.Array:
+    """``x``, read by its own kernel.
+
+    XLA (CPU) computes bfloat16 and float16 arithmetic in float32, and merges the widening
+    converts of every kernel that reads one leaf (the norm's reduction and the kernel that
+    writes the output) into one float32 copy of the leaf in memory. A barrier stops it;
+    distinct ``tag``s keep two barriers on one leaf from being merged in turn.
+    """
+    if x.dtype.itemsize >= 4:
+        return x
+    return lax.optimization_barrier((x, jnp.int8(tag)))[0]
+
+
 def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
     """``x * p * q`` computed in float32 (float64) and cast back to ``x``'s dtype."""
-    if x.dtype.itemsize < 4:
-        # The norm reads this leaf through its own float32 convert; without the barrier XLA
-        # (CPU) shares that convert with this one and writes a float32 copy of the leaf.
-        x = lax.optimization_barrier(x)
+    x = own_read(x)
     if jnp.iscomplexobj(x):
         wide = x.astype(np.complex128 if p.dtype == np.float64 else np.complex64)
         return (wide * p.astype(wide.dtype) * q.astype(wide.dtype)).astype(x.dtype)
