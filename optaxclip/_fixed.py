@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
@@ -39,6 +40,80 @@ def _round_down(limit: jax.Array, dtype: np.dtype) -> jax.Array:
 # ---------------------------------------------------------------------------
 # clip_by_value
 # ---------------------------------------------------------------------------
+
+
+def _value_statistics(
+    chunks: list[jax.Array],
+    reducer: num.Reducer,
+    c: jax.Array,
+    bounds: dict[Any, jax.Array],
+    nan_seen: jax.Array,
+    anchor: jax.Array,
+    dtype: np.dtype,
+) -> tuple[jax.Array, jax.Array]:
+    """The largest magnitude and the number of entries above the bound, over ``chunks``;
+    NaN entries are left out of both.
+
+    Each is one reduction per chunk that XLA fuses with its element-wise producer (on CPU, a
+    compare or a NaN test would write a full-size mask to memory first): the max is taken
+    in the leaf's dtype (exact, no widened copy), and an entry above the bound ``b`` counts
+    ``min(max(|x| - b, 0) / tiny, 1)`` (1 for every ``|x| > b``: the difference of two
+    distinct floats is at least ``tiny``, subnormals aside, which the CPU flushes anyway).
+    The count runs only when the largest magnitude is above a bound. A step with a NaN
+    entry (``nan_seen``: the sum of squares is NaN), or a NaN count (``inf`` against an
+    infinite bound), takes the element-wise branch instead, which XLA may give a mask in
+    memory. ``anchor`` is a zero that XLA cannot fold (see below).
+    """
+    zero = jnp.zeros((), dtype)
+    if not chunks:
+        return zero, zero
+    real = [i for i, x in enumerate(chunks) if jnp.issubdtype(x.dtype, jnp.floating)]
+    wide_abs = lambda x: jnp.abs(num._wide(x, dtype))
+    maxes = [
+        jnp.max(jnp.abs(num.own_read(x, 1))).astype(dtype) if i in real else jnp.max(wide_abs(x))
+        for i, x in enumerate(chunks)
+    ]
+    largest = reducer.max(maxes)
+
+    def exact():
+        bound = lambda x: bounds.get(x.dtype, c).astype(dtype)
+        finite_max = [jnp.max(jnp.where(jnp.isnan(a := wide_abs(x)), 0, a)) for x in chunks]
+        over = [jnp.sum(wide_abs(x) > bound(x), dtype=dtype) for x in chunks]
+        return reducer.max(finite_max), reducer.sum(over)
+
+    def fast():
+        # XLA (CPU) fuses a broadcast scalar into a reduction's kernel only when no other
+        # kernel reads the same broadcast; one shared by leaves of one shape (equal
+        # constants, or the same bound) becomes a full-size array in memory feeding them
+        # all. So every chunk gets its own copies of its scalars: slices of one sort (never
+        # merged), carrying a zero computed at run time so that constant folding cannot make
+        # them equal again.
+        rows = [(bounds[chunks[i].dtype], 0, 1 / jnp.finfo(chunks[i].dtype).tiny, 1) for i in real]
+        copies = num.materialize(
+            *[
+                jnp.asarray(v, chunks[i].dtype) + anchor.astype(chunks[i].dtype)
+                for i, row in zip(real, rows)
+                for v in row
+            ]
+        )
+        overs = []
+        for i, x in enumerate(chunks):
+            if i in real:
+                j = real.index(i)
+                b, z, inv_tiny, one = copies[4 * j : 4 * j + 4]
+                # |x| written as max(x, -x): XLA would merge an abs with the max's, and
+                # write |x| to memory to feed both kernels.
+                x = num.own_read(x, 2)
+                over = jnp.minimum(jnp.maximum(jnp.maximum(x, -x) - b, z) * inv_tiny, one)
+                overs.append(jnp.sum(over, dtype=dtype))
+            else:  # complex (clipped by magnitude) and integer leaves
+                overs.append(jnp.sum(jnp.sign(jnp.fmax(wide_abs(x) - c, 0))))
+        n = reducer.sum(overs)
+        return lax.cond(jnp.isnan(n), exact, lambda: (largest, n))
+
+    lowest = num.stacked(jnp.min, [c.astype(dtype), *(b.astype(dtype) for b in bounds.values())])
+    branch = jnp.where(nan_seen, 2, jnp.where(largest > lowest, 1, 0))
+    return lax.switch(branch, [lambda: (largest, zero), fast, exact])
 
 
 @named_state("clip_by_value")
@@ -96,22 +171,25 @@ def clip_by_value(
         c = jnp.maximum(num.resolve(max_value, state.stats.count, dtype), 0)
         sharding = dict(axis_name=axis_name, partition_specs=partition_specs)
         norm = num.global_pair(updates, 2, **sharding)
-        largest = num.global_pair(updates, math.inf, **sharding)
-        p, q, any_clipped = num.global_factors(largest, c)
-        # Count entries above c: sign(max(|x| - c, 0)) vectorises where a compare does not.
-        # Small leaves are counted together (few kernels for a tree of many leaves).
         reducer = num.Reducer.build(updates, axis_name, partition_specs)
         chunks, chunk_reducer = reducer.chunks(leaves)
-        over = [jnp.sum(jnp.sign(jnp.fmax(jnp.abs(num._wide(x, dtype)) - c, 0))) for x in chunks]
+        # The bound applied to each floating dtype, computed once for every leaf.
+        real = sorted({x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}, key=str)
+        bounds = dict(zip(real, num.materialize(*[_round_down(c, d) for d in real])))
+        # A NaN entry makes the sum of squares NaN (even across devices, where a max may
+        # drop it): the statistics then leave NaN entries out.
+        anchor = state.stats.count.astype(dtype) * 0
+        largest, n_over = _value_statistics(
+            chunks, chunk_reducer, c, dict(bounds), jnp.isnan(norm.value), anchor, dtype
+        )
+        p, q, _ = num.global_factors(num._from_max(largest), c)
+        any_clipped = n_over > 0
         size = reducer.count([x.size for x in leaves])
-        n_over = chunk_reducer.sum(over) if chunks else jnp.zeros((), dtype)
         fraction = n_over / jnp.maximum(jnp.asarray(size, dtype), 1)
-        bounds: dict[Any, jax.Array] = {}
 
-        def bound_for(leaf_dtype):  # one bound per dtype, computed once for every leaf
-            if leaf_dtype not in bounds:
-                bound = _round_down(c, leaf_dtype)
-                bounds[leaf_dtype] = num.materialize(bound)[0]
+        def bound_for(leaf_dtype):
+            if leaf_dtype not in bounds:  # complex leaves clip their magnitude
+                bounds[leaf_dtype] = num.materialize(_round_down(c, leaf_dtype))[0]
             return bounds[leaf_dtype]
 
         def clip_leaf(x):
@@ -121,8 +199,10 @@ def clip_by_value(
                 bound = bound_for(mag.dtype)
                 factor = jnp.where(mag > bound, bound / jnp.where(mag > bound, mag, 1), 1)
                 return (x * factor.astype(x.dtype)).astype(x.dtype)
-            bound = bound_for(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else c
-            return jnp.clip(x, -bound, bound).astype(x.dtype)
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                return jnp.clip(x, -c, c).astype(x.dtype)
+            bound = bound_for(x.dtype)
+            return jnp.clip(num.own_read(x, 3), -bound, bound).astype(x.dtype)
 
         updates = jax.tree.map(clip_leaf, updates)
         stats = next_stats(

@@ -345,6 +345,71 @@ def test_value_clip_never_exceeds_the_bound_in_low_precision(dtype):
     assert float(jnp.max(jnp.abs(got["a"].astype(jnp.float32)))) <= float(jnp.float32(0.1))
 
 
+def _value_stats_oracle(updates, c):
+    """float64: fraction of entries above the bound as each leaf's dtype rounds it down,
+    and the largest magnitude, NaN entries left out of both."""
+    over, size, largest = 0, 0, 0.0
+    for x in jax.tree.leaves(updates):
+        mags = np.abs(oracle.as_f64(x)).ravel()
+        bound = np.asarray(c, np.float32).astype(x.dtype)
+        if float(bound) > c:  # the bound is rounded down to the dtype
+            bound = np.nextafter(bound, np.zeros((), x.dtype))
+        over += int(np.sum(mags > float(bound)))
+        size += mags.size
+        largest = max(largest, float(np.max(mags[~np.isnan(mags)], initial=0.0)))
+    return over / size, largest
+
+
+def _value_case(name):
+    rng = np.random.default_rng(7)
+    big = rng.standard_normal(5000).astype(np.float32)  # above SMALL_LEAF: its own reduction
+    small = rng.standard_normal(37).astype(np.float32)
+    if name == "none_clipped":
+        return {"big": big, "small": small}, 100.0
+    if name == "nan_and_clipped":
+        big[[3, 70]] = np.nan
+        return {"big": big, "small": small}, 1.5
+    if name == "inf_against_inf_bound":
+        small[[0, 1]] = [np.inf, -np.inf]
+        return {"big": big, "small": small}, math.inf
+    if name == "zero_bound":
+        big[::2] = 0.0
+        return {"big": big, "small": small}, 0.0
+    if name == "mixed_dtypes":
+        tree = {"big": big.astype(jnp.bfloat16), "small": small.astype(jnp.float16), "f": small}
+        return tree, 0.7
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["none_clipped", "nan_and_clipped", "inf_against_inf_bound", "zero_bound", "mixed_dtypes"],
+)
+def test_value_clip_statistics_match_oracle(case, maybe_jit):
+    # The count reads each chunk once with a fused indicator and runs only when the largest
+    # magnitude is above a bound; NaN entries and an infinite bound take the exact recount.
+    updates, c = _value_case(case)
+    updates = {k: jnp.asarray(v) for k, v in updates.items()}
+    got, state = _update(oc.clip_by_value(c), updates, wrap=maybe_jit)
+    s = oc.stats(state)
+    fraction, largest = _value_stats_oracle(updates, c)
+    np.testing.assert_allclose(s["clip_by_value/clipped"], fraction, rtol=1e-6)
+    if largest > c:
+        np.testing.assert_allclose(s["clip_by_value/scale"], c / largest, rtol=1e-6)
+    else:
+        assert float(s["clip_by_value/scale"]) == 1.0
+    changed = sum(
+        int(np.sum(np.asarray(g != u) & ~np.isnan(oracle.as_f64(u))))
+        for g, u in zip(jax.tree.leaves(got), jax.tree.leaves(updates))
+    )
+    size = sum(x.size for x in jax.tree.leaves(updates))
+    np.testing.assert_allclose(changed / size, fraction, rtol=1e-6)
+    assert int(s["clip_by_value/num_clipped"]) == (fraction > 0)
+    assert int(s["clip_by_value/num_nonfinite"]) == (
+        case in ("nan_and_clipped", "inf_against_inf_bound")
+    )
+
+
 def test_value_clip_complex_clips_modulus():
     got, _ = _update(oc.clip_by_value(1.0), {"z": jnp.array([3 + 4j, 0.5j], jnp.complex64)})
     np.testing.assert_allclose(got["z"], [0.6 + 0.8j, 0.5j], rtol=1e-6)

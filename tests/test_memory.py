@@ -1,0 +1,77 @@
+"""No gradient-sized temporary: a clipper's compiled update holds no copy of a leaf.
+
+XLA (CPU) writes an intermediate to memory whenever it cannot fuse it into the kernels
+that read it: a float32 copy of a bfloat16 leaf shared by two kernels, a convert hoisted out
+of the rescue loop, a broadcast scalar feeding several reductions. Each costs a pass over
+the gradients and memory of their size; the compiled memory analysis shows it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from helpers import TRANSFORMS
+
+import optaxclip as oc
+
+# Element-wise statistics that only a non-finite step needs (the count of NaN entries, of
+# entries above the bound beside a NaN) sit in a branch only such a step takes, where XLA
+# holds a compare's mask in memory; SPAM counts its spikes through such masks on every step.
+MASKED_BRANCH = {"clip_by_value", "zero_nonfinite", "error_if_nonfinite", "spike_aware_clip"}
+
+
+def _tree(dtype):
+    """Three leaves of one shape above SMALL_LEAF entries (reduced one by one) and a bias."""
+    shape = (256, 80)
+    return {
+        "a": jnp.ones(shape, dtype),
+        "b": jnp.full(shape, 2.0, dtype),
+        "c": jnp.full(shape, 3.0, dtype),
+        "bias": jnp.ones((80,), dtype),
+    }
+
+
+def _temp_fraction(tx, dtype) -> float:
+    grads = _tree(dtype)
+    with jax.numpy_dtype_promotion("standard"):
+        compiled = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend reports no memory analysis")
+    largest = max(x.nbytes for x in jax.tree.leaves(grads))
+    return analysis.temp_size_in_bytes / largest
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(set(TRANSFORMS) - MASKED_BRANCH))
+def test_update_holds_no_copy_of_a_leaf(name, dtype):
+    # A quarter of the largest leaf leaves room for per-unit vectors (AGC: 7 KB of them).
+    assert _temp_fraction(TRANSFORMS[name].make(), dtype) < 0.25
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_chain_with_adam_holds_no_copy_of_a_leaf(dtype):
+    tx = optax.chain(oc.clip_by_global_norm(1.0), optax.adam(1e-3))
+    assert _temp_fraction(tx, dtype) < 0.25
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_value_clip_ordinary_path_holds_no_copy_of_a_leaf(dtype):
+    # clip_by_value's statistics on finite steps: with the NaN branch's mask left out (the
+    # analysis counts every branch), its temporaries are the per-chunk scalars.
+    tx = oc.clip_by_value(1.5)
+    grads = _tree(dtype)
+    compiled = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile()
+    entry = compiled.as_text().split("ENTRY", 1)[1]
+    shape = "{}[256,80]".format("f32" if dtype == jnp.float32 else "bf16")
+    wide = "f32[256,80]"
+    kernels = [
+        line
+        for line in entry.splitlines()
+        if (shape in line.split("=", 1)[-1][:40] or wide in line.split("=", 1)[-1][:40])
+        and " fusion(" in line
+    ]
+    # the three clipped leaves are the only full-size arrays written at the top level
+    assert len(kernels) == 3, kernels
