@@ -13,12 +13,17 @@ Three sections:
   adam)`` on transformer-like trees of about 100, 1,000 and 5,000 leaves (12 leaves per
   layer of d=32, plus embedding and final norm). Repetitions alternate the programs; each
   compilation starts from fresh transformations (nothing is cached; the persistent cache is
-  off). optax's chain is skipped at 5,000 leaves: it takes about 17 minutes there.
+  off). optax's chain is skipped at 5,000 leaves: it takes about 17 minutes there. A
+  reference program, ``chain(x * runtime scalar, adam)``, multiplies every leaf by a scalar
+  held in the state before Adam: the compile time any clipper adds by scaling alone, with
+  no norm (at 100 and 1,000 leaves).
 * ``memory``: one fresh process per program runs 20 jitted training steps (update, then
   ``optax.apply_updates``) on bench_clip.py's 25M-parameter tree with the parameters and
   optimizer state donated. Reported: the peak resident memory of the steps (``VmHWM``,
-  reset after compilation and one warm-up step), the peak of the whole process, and XLA's
-  memory analysis of the step (temp buffer bytes).
+  reset after compilation and one warm-up step, once the heap the compiler freed is handed
+  back to the OS with glibc's ``malloc_trim``: otherwise the figure counts how much the
+  compiler happened to leave behind), the peak of the whole process, and XLA's memory
+  analysis of the step (temp buffer bytes).
 * ``dispatch``: for each transformation, ``chain(it, adam)`` runs 100 steps in a Python loop
   without blocking, under ``jax.transfer_guard("disallow")`` (a device-to-host transfer
   would raise); reported: the time to dispatch the 100 steps, the time until the last one
@@ -29,6 +34,8 @@ Three sections:
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import resource
 import subprocess
@@ -64,8 +71,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_perf.json"
 SECTIONS = ("compile", "memory", "dispatch")
 
 COMPILE_LEAVES = {"full": (100, 1000, 5000), "quick": (40,)}
-COMPILE_REPS = {100: 3, 1000: 2, 5000: 1, 40: 1}
-OPTAX_CHAIN_MAX_LEAVES = 1000  # optax's chain at 5,000 leaves compiles for ~17 minutes
+COMPILE_REPS = {100: 3, 1000: 1, 5000: 1, 40: 1}
 MEMORY_STEPS = 20
 MEMORY_TREE = {"full": (320, 12, 32_000), "quick": (64, 2, 1024)}  # d, layers, vocab
 DISPATCH_TREE = {"full": (256, 2, 2048), "quick": (256, 1, 2048)}
@@ -87,6 +93,23 @@ CHAIN_PROGRAMS: dict[str, Callable[[], optax.GradientTransformation]] = {
     ),
 }
 OURS, OPTAX_CHAIN = "chain(oc.clip_by_global_norm, adam)", "chain(optax.clip_by_global_norm, adam)"
+SCALE_ONLY = "chain(x * runtime scalar, adam)"
+
+
+def scale_by_runtime_scalar() -> optax.GradientTransformation:
+    """Every leaf times one scalar held in the state (so not a constant XLA could fold): the
+    least that any clipper adds to Adam's kernels, with no norm computed at all."""
+    return optax.GradientTransformation(
+        lambda params: jnp.ones((), jnp.float32),
+        lambda updates, s, params=None: (jax.tree.map(lambda x: x * s, updates), s),
+    )
+
+
+CHAIN_PROGRAMS[SCALE_ONLY] = lambda: optax.chain(scale_by_runtime_scalar(), adam())
+# Programs left out above a number of leaves: optax's chain compiles for ~17 minutes at
+# 5,000 leaves; the scaling reference costs a minute there.
+MAX_LEAVES = {OPTAX_CHAIN: 1000, SCALE_ONLY: 1000}
+SKIPPED_NOTE = {OPTAX_CHAIN: "not run (~17 min)", SCALE_ONLY: "not run (~1 min)"}
 
 
 def layered_shapes(leaves: int) -> dict[str, tuple[int, ...]]:
@@ -117,7 +140,7 @@ def bench_compile(quick: bool) -> dict[str, Any]:
     for n in COMPILE_LEAVES["quick" if quick else "full"]:
         shapes = layered_shapes(n)
         tree = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
-        names = [k for k in CHAIN_PROGRAMS if k != OPTAX_CHAIN or n <= OPTAX_CHAIN_MAX_LEAVES]
+        names = [k for k in CHAIN_PROGRAMS if n <= MAX_LEAVES.get(k, n)]
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
         for _ in range(COMPILE_REPS.get(n, 1)):
             for name in names:
@@ -163,7 +186,7 @@ def compile_table(section: dict[str, Any]) -> str:
                 ]
             )
         for name in r["skipped"]:
-            rows.append([f"{r['leaves']:,}", name, "—", "—", "not run (~17 min)", "—", ""])
+            rows.append([f"{r['leaves']:,}", name, "—", "—", SKIPPED_NOTE[name], "—", ""])
     headers = ["leaves", "program", "trace+lower s", "compile s", "total s", "× adam"]
     return markdown_table([*headers, f"≤ {TARGETS['compile']} × adam"], rows)
 
@@ -171,6 +194,26 @@ def compile_table(section: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 # Memory (one process per program)
 # ---------------------------------------------------------------------------
+
+
+def _release_freed_heap() -> None:
+    """Returns the heap that compilation freed to the OS (glibc's ``malloc_trim``), so the
+    peak of the steps that follow measures what they hold, not what the compiler left."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure includes the compiler's leftovers
+        pass
+
+
+def _current_rss() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _reset_peak_rss() -> bool:
@@ -209,6 +252,8 @@ def memory_worker(name: str, quick: bool) -> dict[str, Any]:
     analysis = compiled.memory_analysis()
     params, state = compiled(params, state, grads)
     jax.block_until_ready((params, state))
+    _release_freed_heap()
+    before = _current_rss()
     reset = _reset_peak_rss()
     for _ in range(MEMORY_STEPS):
         params, state = compiled(params, state, grads)
@@ -217,6 +262,7 @@ def memory_worker(name: str, quick: bool) -> dict[str, Any]:
     return {
         "program": name,
         "steps_peak_rss_bytes": _vm_hwm() if reset else None,
+        "rss_before_steps_bytes": before,
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes),
         "grad_bytes": grad_bytes,
@@ -226,7 +272,7 @@ def memory_worker(name: str, quick: bool) -> dict[str, Any]:
 
 def bench_memory(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in CHAIN_PROGRAMS:
+    for name in ("adam", OURS, OPTAX_CHAIN):
         cmd = [sys.executable, __file__, "--memory-worker", name] + (["--quick"] if quick else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
