@@ -145,7 +145,9 @@ def clip_by_value(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state holds a :class:`ClipStats`
       (O(1) scalars). ``clipped`` is the fraction of entries clipped and ``scale`` is
-      :math:`c / \max_j |u_j|` when anything was clipped.
+      :math:`c / \max_j |u_j|` when anything was clipped, NaN entries left out of both. The
+      statistics cost three reads of the update (the norm, the largest entry and, only
+      when some entry is above :math:`c`, the count) besides the clip itself.
 
     Raises:
       ValueError: ``max_value`` is negative, NaN or not a scalar.
