@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, empty_step, init_stats, named_state, next_stats
@@ -268,6 +269,64 @@ def _nu_dtype(x: jax.Array, nu_dtype: Any) -> np.dtype:
     return np.dtype(np.float64 if x.dtype in (np.float64, np.complex128) else np.float32)
 
 
+def _wide_of(x: jax.Array, v: jax.Array) -> np.dtype:
+    return np.dtype(np.float64 if np.float64 in (np.dtype(v.dtype), x.dtype) else _F32)
+
+
+def _widened(x: jax.Array, wide: np.dtype) -> jax.Array:
+    if jnp.iscomplexobj(x):
+        return x.astype(np.complex128 if wide == np.float64 else np.complex64)
+    return x.astype(wide)
+
+
+def _spike_statistics(leaves, nus, given, theta, anchor, reducer):
+    """The number of spikes and the smallest factor ``sqrt(theta v) / |g|`` over them, on a
+    step past the gate (every entry finite); ``given[i]`` holds leaf i's pair where it was
+    computed already (complex leaves).
+
+    Each is one reduction per leaf that XLA fuses with its element-wise producer (on CPU, a
+    compare or select would write a full-size mask to memory first): an entry counts
+    ``min(max(g**2 - theta v, 0) / tiny, 1)`` (1 for every spike, the difference of two
+    distinct floats being at least ``tiny``, subnormals aside, which the CPU flushes), and its
+    factor is ``min(1, (b + e) / (|g| + e))`` with ``b = sqrt(theta v)`` and
+    ``e = 1 - min(|g| / tiny, 1)`` (1 for a zero entry, so 0 / 0 never forms; 0 otherwise,
+    leaving ``b / |g|`` exact). Every leaf reads its own copies of the scalars (see
+    ``_fixed._value_statistics``: XLA would keep a broadcast shared by leaves of one shape
+    in memory), carrying the runtime zero ``anchor``.
+    """
+    fused = [i for i, x in enumerate(leaves) if i not in given and x.size]
+    # Eight scalars per leaf: the count and the factor each read their own, or XLA would
+    # merge the two kernels' producers into one array.
+    wides = {i: _wide_of(leaves[i], nus[i]) for i in fused}
+    copies = num.materialize(
+        *[
+            jnp.asarray(value, wides[i]) + anchor.astype(wides[i])
+            for i in fused
+            for value in [theta.astype(wides[i]), 0, 1, 1 / np.finfo(wides[i]).tiny] * 2
+        ]
+    )
+    counts, mins = [], []
+    for i, (x, v) in enumerate(zip(leaves, nus)):
+        if i in given:
+            count, smallest = given[i]
+        elif i not in wides:  # no entries
+            count, smallest = jnp.zeros((), _F32), _f32(1.0)
+        else:
+            j, wide = fused.index(i), wides[i]
+            th, zero, one, inv_tiny = copies[8 * j : 8 * j + 4]
+            xw, vw = num.own_read(x, 2).astype(wide), num.own_read(v, 2).astype(wide)
+            over = jnp.maximum(xw * xw - th * vw, zero)
+            count = jnp.sum(jnp.minimum(over * inv_tiny, one), dtype=_F32)
+            th, zero, one, inv_tiny = copies[8 * j + 4 : 8 * j + 8]
+            xw, vw = num.own_read(x, 3).astype(wide), num.own_read(v, 3).astype(wide)
+            mag, b = jnp.abs(xw), jnp.sqrt(th * vw)
+            e = one - jnp.minimum(mag * inv_tiny, one)
+            smallest = jnp.min(jnp.minimum(one, (b + e) / (mag + e))).astype(_F32)
+        counts.append(count)
+        mins.append(smallest)
+    return reducer.sum(counts), reducer.max([-m for m in mins]) * -1
+
+
 def spike_aware_clip(
     threshold: Any = 5000.0,
     *,
@@ -289,7 +348,10 @@ def spike_aware_clip(
         \end{cases}, \qquad
         v \leftarrow \beta_2\, v + (1 - \beta_2)\, g^2
 
-    (complex entries keep their phase). :math:`v` starts at 0, so clipping is off while
+    (complex entries keep their phase, and compare :math:`|g_j|` with
+    :math:`\sqrt{\theta v_j}`). The test is computed as SPAM's code computes it, squares in
+    float32: an entry whose square underflows to 0 is not a spike. :math:`v` starts at 0, so
+    clipping is off while
     :math:`t + 1 < W` (:math:`t` the finite steps before this one, :math:`W` =
     ``warmup_steps``): SPAM's ``grad_accu_steps`` gate, which keeps the first steps from
     being clipped to 0. :math:`v` is updated on every finite step, gated or not.
@@ -360,34 +422,40 @@ def spike_aware_clip(
         active = (state.step + 1 >= jnp.asarray(warmup_steps)) & ok
         beta = _f32(b2)
 
-        out, new_nus, counts, scales = [], [], [], []
-        for x, v in zip(leaves, nus):
-            wide = np.float64 if np.float64 in (np.dtype(v.dtype), x.dtype) else _F32
-            xw = (
-                x.astype(np.complex128 if wide == np.float64 else np.complex64)
-                if (jnp.iscomplexobj(x))
-                else x.astype(wide)
-            )
-            vw = v.astype(wide)
-            mag = jnp.abs(xw)
-            bound = jnp.sqrt(theta.astype(wide) * vw)
-            spike = active & (mag > bound)
-            factor = jnp.where(spike, bound / jnp.where(spike, mag, 1), 1).astype(wide)
+        out, new_nus, given = [], [], {}
+        for i, (x, v) in enumerate(zip(leaves, nus)):
+            wide = _wide_of(x, v)
+            xw, vw = _widened(num.own_read(x, 1), wide), num.own_read(v, 1).astype(wide)
+            limit = theta.astype(wide) * vw  # SPAM's threshold * exp_avg_sq
             if jnp.iscomplexobj(xw):  # keep the phase
+                mag = jnp.abs(xw)
+                bound = jnp.sqrt(limit)
+                spike = active & (mag > bound)
+                factor = jnp.where(spike, bound / jnp.where(spike, mag, 1), 1).astype(wide)
                 clipped = xw * factor.astype(xw.dtype)
-            else:  # SPAM's sign(g) * sqrt(theta * v), exactly
-                clipped = jnp.where(spike, jnp.copysign(bound, xw), xw)
-            square = jnp.abs(clipped) ** 2
+                square = jnp.abs(clipped) ** 2
+                given[i] = (jnp.sum(spike, dtype=_F32), jnp.min(factor, initial=1.0).astype(_F32))
+            else:
+                # SPAM's rule as its code writes it: g**2 > threshold * v, then
+                # sign(g) * sqrt(threshold * v). The second moment takes the clipped square
+                # as threshold * v itself, so the square root is computed only for the
+                # output (shared by both kernels, XLA would keep it in memory).
+                square = xw * xw
+                spike = active & (square > limit)
+                clipped = jnp.where(spike, jnp.copysign(jnp.sqrt(limit), xw), xw)
+                square = jnp.where(spike, limit, square)
             new_v = beta.astype(wide) * vw + (1 - beta.astype(wide)) * square
             out.append(clipped.astype(x.dtype))
             new_nus.append(jnp.where(ok, new_v, vw).astype(v.dtype))
-            counts.append(jnp.sum(spike, dtype=_F32))
-            scales.append(jnp.min(factor, initial=1.0).astype(_F32))
         reducer = num.Reducer.build(updates, axis_name, partition_specs)
         if leaves:
-            n_clipped = reducer.sum(counts)
+            anchor = state.step.astype(_F32) * 0
+            n_clipped, scale = lax.cond(
+                active,
+                lambda: _spike_statistics(leaves, nus, given, theta, anchor, reducer),
+                lambda: (jnp.zeros((), _F32), _f32(1.0)),
+            )
             size = jnp.asarray(reducer.count([x.size for x in leaves]), _F32)
-            scale = reducer.max([-s for s in scales]) * -1
         else:
             n_clipped, size, scale = jnp.zeros((), _F32), jnp.zeros((), _F32), _f32(1.0)
         stats = next_stats(

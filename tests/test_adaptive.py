@@ -278,6 +278,22 @@ def test_spike_aware_clip_keeps_phase_of_complex_entries():
     np.testing.assert_allclose(out["w"], [0.6 + 0.8j, 0.3 + 0.4j], rtol=1e-6)
 
 
+@pytest.mark.parametrize("wrap", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_spike_aware_clip_statistics_with_zero_second_moment(wrap):
+    # v = 0 (a fresh state past a zero gate): every nonzero entry is a spike, clipped to 0,
+    # and a zero entry is not one. The fused statistics never form 0 / 0: the smallest factor
+    # is 0 (the spikes'), the clipped fraction the nonzero entries', 3 of 5.
+    tx = oc.spike_aware_clip(4.0, b2=0.5, warmup_steps=0)
+    g = {"w": jnp.array([0.0, 2.0, -3.0, 0.0, 0.5]), "b": jnp.zeros((0,))}
+    out, state = wrap(tx.update)(g, tx.init(g))
+    np.testing.assert_array_equal(out["w"], np.zeros(5, np.float32))
+    s = oc.stats(state)
+    assert float(s["spike_aware_clip/scale"]) == 0.0
+    np.testing.assert_allclose(s["spike_aware_clip/clipped"], 3 / 5)
+    # the second moment took the clipped squares (0), not the raw ones
+    np.testing.assert_array_equal(state.nu["w"], np.zeros(5, np.float32))
+
+
 # ---------------------------------------------------------------------------
 # Checkpointing with orbax: restore into new objects and continue bit-identically
 # ---------------------------------------------------------------------------

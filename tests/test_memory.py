@@ -18,8 +18,8 @@ import optaxclip as oc
 
 # Element-wise statistics that only a non-finite step needs (the count of NaN entries, of
 # entries above the bound beside a NaN) sit in a branch only such a step takes, where XLA
-# holds a compare's mask in memory; SPAM counts its spikes through such masks on every step.
-MASKED_BRANCH = {"clip_by_value", "zero_nonfinite", "error_if_nonfinite", "spike_aware_clip"}
+# holds a compare's mask in memory.
+MASKED_BRANCH = {"clip_by_value", "zero_nonfinite", "error_if_nonfinite"}
 
 
 def _tree(dtype):
