@@ -206,16 +206,6 @@ def _release_freed_heap() -> None:
         pass
 
 
-def _current_rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _reset_peak_rss() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -224,10 +214,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _vm_hwm() -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -253,7 +244,7 @@ def memory_worker(name: str, quick: bool) -> dict[str, Any]:
     params, state = compiled(params, state, grads)
     jax.block_until_ready((params, state))
     _release_freed_heap()
-    before = _current_rss()
+    before = _status_bytes("VmRSS")
     reset = _reset_peak_rss()
     for _ in range(MEMORY_STEPS):
         params, state = compiled(params, state, grads)
@@ -261,7 +252,7 @@ def memory_worker(name: str, quick: bool) -> dict[str, Any]:
     grad_bytes = sum(x.nbytes for x in jax.tree.leaves(grads))
     return {
         "program": name,
-        "steps_peak_rss_bytes": _vm_hwm() if reset else None,
+        "steps_peak_rss_bytes": _status_bytes("VmHWM") if reset else None,
         "rss_before_steps_bytes": before,
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes),

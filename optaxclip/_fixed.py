@@ -62,7 +62,8 @@ def _value_statistics(
     The count runs only when the largest magnitude is above a bound. A step with a NaN
     entry (``nan_seen``: the sum of squares is NaN), or a NaN count (``inf`` against an
     infinite bound), takes the element-wise branch instead, which XLA may give a mask in
-    memory. ``anchor`` is a zero that XLA cannot fold (see below).
+    memory. Each chunk's count reads its own scalars (:func:`optaxclip._numerics.own_scalars`,
+    ``anchor`` a zero that XLA cannot fold).
     """
     zero = jnp.zeros((), dtype)
     if not chunks:
@@ -82,25 +83,13 @@ def _value_statistics(
         return reducer.max(finite_max), reducer.sum(over)
 
     def fast():
-        # XLA (CPU) fuses a broadcast scalar into a reduction's kernel only when no other
-        # kernel reads the same broadcast; one shared by leaves of one shape (equal
-        # constants, or the same bound) becomes a full-size array in memory feeding them
-        # all. So every chunk gets its own copies of its scalars: slices of one sort (never
-        # merged), carrying a zero computed at run time so that constant folding cannot make
-        # them equal again.
-        rows = [(bounds[chunks[i].dtype], 0, 1 / jnp.finfo(chunks[i].dtype).tiny, 1) for i in real]
-        copies = num.materialize(
-            *[
-                jnp.asarray(v, chunks[i].dtype) + anchor.astype(chunks[i].dtype)
-                for i, row in zip(real, rows)
-                for v in row
-            ]
-        )
+        dtypes = [chunks[i].dtype for i in real]
+        rows = [(bounds[d], 0, 1 / jnp.finfo(d).tiny, 1) for d in dtypes]
+        copies = dict(zip(real, num.own_scalars(rows, dtypes, anchor)))
         overs = []
         for i, x in enumerate(chunks):
             if i in real:
-                j = real.index(i)
-                b, z, inv_tiny, one = copies[4 * j : 4 * j + 4]
+                b, z, inv_tiny, one = copies[i]
                 # |x| written as max(x, -x): XLA would merge an abs with the max's, and
                 # write |x| to memory to feed both kernels.
                 x = num.own_read(x, 2)

@@ -1128,6 +1128,25 @@ def global_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, 
     return p, q, clipped
 
 
+def own_scalars(rows: Sequence[Sequence[Any]], dtypes: Sequence[Any], anchor: jax.Array) -> list:
+    """Each kernel's own copies of its scalars: ``rows[i]`` in ``dtypes[i]``, one tuple each.
+
+    XLA (CPU) fuses a broadcast scalar into a reduction's kernel only when no other kernel
+    reads the same broadcast; a scalar shared by the kernels of leaves of one shape (an equal
+    constant, or the same threshold) becomes a full-size array in memory feeding them all.
+    The copies are slices of one sort (never merged), whose values carry ``anchor``, a zero
+    computed at run time, so that constant folding cannot make them equal again.
+    """
+    flat = materialize(
+        *[jnp.asarray(v, d) + anchor.astype(d) for row, d in zip(rows, dtypes) for v in row]
+    )
+    out, start = [], 0
+    for row in rows:
+        out.append(tuple(flat[start : start + len(row)]))
+        start += len(row)
+    return out
+
+
 def own_read(x: jax.Array, tag: int = 0) -> jax.Array:
     """``x``, read by its own kernel.
 

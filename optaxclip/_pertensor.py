@@ -290,21 +290,16 @@ def _spike_statistics(leaves, nus, given, theta, anchor, reducer):
     distinct floats being at least ``tiny``, subnormals aside, which the CPU flushes), and its
     factor is ``min(1, (b + e) / (|g| + e))`` with ``b = sqrt(theta v)`` and
     ``e = 1 - min(|g| / tiny, 1)`` (1 for a zero entry, so 0 / 0 never forms; 0 otherwise,
-    leaving ``b / |g|`` exact). Every leaf reads its own copies of the scalars (see
-    ``_fixed._value_statistics``: XLA would keep a broadcast shared by leaves of one shape
-    in memory), carrying the runtime zero ``anchor``.
+    leaving ``b / |g|`` exact). Every leaf reads its own copies of the scalars
+    (:func:`optaxclip._numerics.own_scalars`, ``anchor`` a zero that XLA cannot fold).
     """
     fused = [i for i, x in enumerate(leaves) if i not in given and x.size]
-    # Eight scalars per leaf: the count and the factor each read their own, or XLA would
-    # merge the two kernels' producers into one array.
+    # The count and the factor each read their own scalars, or XLA would merge the two
+    # kernels' producers into one array.
     wides = {i: _wide_of(leaves[i], nus[i]) for i in fused}
-    copies = num.materialize(
-        *[
-            jnp.asarray(value, wides[i]) + anchor.astype(wides[i])
-            for i in fused
-            for value in [theta.astype(wides[i]), 0, 1, 1 / np.finfo(wides[i]).tiny] * 2
-        ]
-    )
+    rows = [(theta, 0, 1, 1 / np.finfo(wides[i]).tiny) for i in fused for _ in (0, 1)]
+    dtypes = [wides[i] for i in fused for _ in (0, 1)]
+    copies = num.own_scalars(rows, dtypes, anchor)
     counts, mins = [], []
     for i, (x, v) in enumerate(zip(leaves, nus)):
         if i in given:
@@ -313,11 +308,11 @@ def _spike_statistics(leaves, nus, given, theta, anchor, reducer):
             count, smallest = jnp.zeros((), _F32), _f32(1.0)
         else:
             j, wide = fused.index(i), wides[i]
-            th, zero, one, inv_tiny = copies[8 * j : 8 * j + 4]
+            th, zero, one, inv_tiny = copies[2 * j]
             xw, vw = num.own_read(x, 2).astype(wide), num.own_read(v, 2).astype(wide)
             over = jnp.maximum(xw * xw - th * vw, zero)
             count = jnp.sum(jnp.minimum(over * inv_tiny, one), dtype=_F32)
-            th, zero, one, inv_tiny = copies[8 * j + 4 : 8 * j + 8]
+            th, zero, one, inv_tiny = copies[2 * j + 1]
             xw, vw = num.own_read(x, 3).astype(wide), num.own_read(v, 3).astype(wide)
             mag, b = jnp.abs(xw), jnp.sqrt(th * vw)
             e = one - jnp.minimum(mag * inv_tiny, one)
