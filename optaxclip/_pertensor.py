@@ -273,12 +273,6 @@ def _wide_of(x: jax.Array, v: jax.Array) -> np.dtype:
     return np.dtype(np.float64 if np.float64 in (np.dtype(v.dtype), x.dtype) else _F32)
 
 
-def _widened(x: jax.Array, wide: np.dtype) -> jax.Array:
-    if jnp.iscomplexobj(x):
-        return x.astype(np.complex128 if wide == np.float64 else np.complex64)
-    return x.astype(wide)
-
-
 def _spike_statistics(leaves, nus, given, theta, anchor, reducer):
     """The number of spikes and the smallest factor ``sqrt(theta v) / |g|`` over them, on a
     step past the gate (every entry finite); ``given[i]`` holds leaf i's pair where it was
@@ -420,7 +414,7 @@ def spike_aware_clip(
         out, new_nus, given = [], [], {}
         for i, (x, v) in enumerate(zip(leaves, nus)):
             wide = _wide_of(x, v)
-            xw, vw = _widened(num.own_read(x, 1), wide), num.own_read(v, 1).astype(wide)
+            xw, vw = num._wide(num.own_read(x, 1), wide), num.own_read(v, 1).astype(wide)
             limit = theta.astype(wide) * vw  # SPAM's threshold * exp_avg_sq
             if jnp.iscomplexobj(xw):  # keep the phase
                 mag = jnp.abs(xw)
