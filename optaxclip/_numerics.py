@@ -377,15 +377,35 @@ def grouped_collective(arrays: Sequence[jax.Array], axes: Sequence[tuple[str, ..
     return out
 
 
-def stacked(op: Callable, xs: Sequence[jax.Array]) -> jax.Array:
+_FENCE_GROUP = 16
+
+
+def stacked(op: Callable, xs: Sequence[jax.Array], fence: bool = False) -> jax.Array:
     """``op`` (``jnp.sum``, ``jnp.max``, ...) over ``xs`` element-wise, as one reduction.
 
     A Python chain ``x1 + x2 + ...`` of scalars is one long fusible chain, which XLA's CPU
     fusion pass handles in time quadratic in its length (minutes at 2,000 leaves); a stack
     and one reduction are compiled in linear time.
+
+    ``fence=True`` is for ``xs`` made by per-leaf chains of element-wise work (per-unit
+    factors, rescue tests): XLA fuses every such chain into the reduction's one kernel,
+    whose compile time grows faster than linearly (AGC: 20 s at 147 leaves). Each group of
+    ``_FENCE_GROUP`` values passes through a sort (which XLA never fuses), so no kernel
+    holds more than that many chains.
     """
     if len(xs) == 1:
         return xs[0]
+    if fence and len(xs) > _FENCE_GROUP:
+        parts = []
+        for i in range(0, len(xs), _FENCE_GROUP):
+            group = jnp.stack(xs[i : i + _FENCE_GROUP])
+            dtype = group.dtype
+            carrier = group.astype(np.int32) if dtype == np.bool_ else group
+            if not _explicitly_sharded(carrier):  # as in materialize
+                keys = lax.broadcasted_iota(np.int32, carrier.shape, 0)
+                _, carrier = lax.sort((keys, carrier), dimension=0, num_keys=1)
+            parts.append(op(carrier.astype(dtype), axis=0))
+        xs = parts
     return op(jnp.stack(xs), axis=0)
 
 
@@ -813,12 +833,19 @@ def _unit_pairs(
     one = jnp.ones((), dtype)
     down, up = (jnp.asarray(2.0**e, dtype) for e in _RESCUE_EXPONENTS[(np.dtype(dtype), ord)])
 
-    def rescue(s, c, ok, floor):
+    def rescue(s, ok, floor):
         """Which units take the rescaled trip, and their scales (element-wise)."""
         bad = jnp.isinf(s) | ((s > 0) & (s < floor))
         bad = bad | (s == 0) if ok is None else bad | ((s == 0) & ~ok)
-        bad = bad & (c == one)  # a rescaled unit is final
-        return bad, jnp.where(bad, jnp.where(jnp.isinf(s), down, up), c)
+        return bad, jnp.where(bad, jnp.where(jnp.isinf(s), down, up), one)
+
+    def on_vector(xs):
+        """The leaves whose units go on the flat vector. With ``flat=False``, those with a
+        single unit still do: their norm is a scalar, which ties no sharding."""
+        if mesh:
+            return []
+        single = lambda i: all(xs[i].shape[a] == 1 or a in axes[i] for a in range(xs[i].ndim))
+        return [i for i, x in enumerate(xs) if not _explicitly_sharded(x) and (flat or single(i))]
 
     def leaf_sums(xs, cs, idx):
         scaled = lambda x, c: x if c is None else _times(x, c, dtype)
@@ -831,49 +858,43 @@ def _unit_pairs(
     @jax.custom_jvp
     def pairs(xs):
         # Leaves on the flat vector, and leaves kept apart (one array per leaf).
-        use_flat = flat and not mesh
-        on_vec = [i for i, x in enumerate(xs) if use_flat and not _explicitly_sharded(x)]
+        on_vec = on_vector(xs)
         apart = [i for i in range(len(xs)) if i not in set(on_vec)]
+        apart_sizes = [sizes[i] for i in apart]
         units = _FlatUnits([xs[i] for i in on_vec], [axes[i] for i in on_vec])
         vec_sizes = units.unit_sizes([sizes[i] for i in on_vec]) if on_vec else None
         vec_floor = None if not on_vec else _underflow_floor(vec_sizes.astype(dtype), dtype)
 
-        def trip(c_vec, c_apart, s_apart=None, first=False):
-            flags = []
-            s_vec = units.sums(ord, dtype, None if first else c_vec) if on_vec else c_vec
-            if on_vec:
-                ok = None if zero_ok is None else zero_ok([s_vec], ord, [vec_sizes])[0]
-                bad, c_vec = rescue(s_vec, c_vec, ok, vec_floor)
-                flags.append(jnp.any(bad))
-            if s_apart is None:
-                s_apart = leaf_sums(xs, c_apart, apart)
-            if apart:
-                oks = None
-                if zero_ok is not None:
-                    oks = zero_ok(s_apart, ord, [sizes[i] for i in apart])
-                new_c = []
-                for j, i in enumerate(apart):
-                    ok = None if oks is None else oks[j]
-                    floor = _underflow_floor(sizes[i], dtype)
-                    bad, c = rescue(s_apart[j], c_apart[j], ok, floor)
-                    new_c.append(c)
-                    flags.append(jnp.any(bad))
-                c_apart = new_c
-            again = stacked(jnp.any, flags)
-            if keep_union:  # units sharded over these axes differ per device: decide together
-                again = lax.pmax(again.astype(np.int32), keep_union) > 0
-            return c_vec, c_apart, s_vec, s_apart, again
+        # The ordinary trip runs outside the loop (see _global_pair) and decides, once, which
+        # units take the rescaled trip and at which scale: a rescaled unit is final, so a
+        # second decision could change nothing. The loop body only sums again, and clears
+        # the flag its condition reads. (A body that decided again had XLA's while-loop
+        # passes analyse every per-leaf test: 15 of AGC's 20 s of compile at 147 leaves.)
+        s_vec = units.sums(ord, dtype, None) if on_vec else jnp.ones((0,), dtype)
+        s_apart = leaf_sums(xs, [None] * len(apart), apart)
+        flags = []
+        c_vec = jnp.ones((units.size,), dtype)
+        if on_vec:
+            ok = None if zero_ok is None else zero_ok([s_vec], ord, [vec_sizes])[0]
+            bad, c_vec = rescue(s_vec, ok, vec_floor)
+            flags.append(jnp.any(bad))
+        oks = None if zero_ok is None or not apart else zero_ok(s_apart, ord, apart_sizes)
+        c_apart = []
+        for j, i in enumerate(apart):
+            ok = None if oks is None else oks[j]
+            floor = _underflow_floor(sizes[i], dtype)
+            bad, c = rescue(s_apart[j], ok, floor)
+            c_apart.append(c)
+            flags.append(jnp.any(bad))
+        again = stacked(jnp.any, flags, fence=True)
+        if keep_union:  # units sharded over these axes differ per device: decide together
+            again = lax.pmax(again.astype(np.int32), keep_union) > 0
 
         def body(state):
-            return trip(state[0], state[1])
+            s_vec = units.sums(ord, dtype, c_vec) if on_vec else state[0]
+            return s_vec, leaf_sums(xs, c_apart, apart), False
 
-        # The ordinary trip runs outside the loop (see _global_pair); the scales of leaves kept
-        # apart take their shardings from their ordinary sums.
-        s_apart = leaf_sums(xs, [None] * len(apart), apart)
-        c_apart = [jnp.ones_like(s) for s in s_apart]
-        c_vec = jnp.ones((units.size,), dtype)
-        init = trip(c_vec, c_apart, s_apart, first=True)
-        c_vec, c_apart, s_vec, s_apart, _ = lax.while_loop(lambda st: st[4], body, init)
+        s_vec, s_apart, _ = lax.while_loop(lambda st: st[2], body, (s_vec, s_apart, again))
         out: list[Any] = [None] * len(xs)
         vec = Norm(1 / c_vec, _finish(s_vec, ord))
         for j, i in enumerate(on_vec):
@@ -886,8 +907,8 @@ def _unit_pairs(
     # so :func:`unit_clip` works on it directly instead of concatenating the per-leaf slices
     # back (each slice would be a kernel of its own).
     order = []
-    if flat and not mesh:
-        on_vec = [i for i, x in enumerate(leaves) if not _explicitly_sharded(x)]
+    on_vec = on_vector(leaves)
+    if on_vec:
         units = _FlatUnits([leaves[i] for i in on_vec], [axes[i] for i in on_vec])
         order = [on_vec[j] for j in units.order]
 
@@ -963,17 +984,18 @@ def _combine(units: Sequence[Norm], ord: float) -> Norm:
                 jnp.concatenate([jnp.ravel(u.r) for u in plain]),
             )
         )
-    top = lambda xs: stacked(jnp.max, xs)
+    top = lambda xs: stacked(jnp.max, xs, fence=True)
     big = top([jnp.max(c.m * c.r, initial=0) for c in chunks])
     if ord == math.inf:
         return _from_max(big)
     # When a unit's value overflowed (entries near the dtype's max), pivot on the largest m.
-    finite = stacked(jnp.all, [jnp.all(jnp.isfinite(c.m) & jnp.isfinite(c.r)) for c in chunks])
+    finite = [jnp.all(jnp.isfinite(c.m) & jnp.isfinite(c.r)) for c in chunks]
+    finite = stacked(jnp.all, finite, fence=True)
     m_max = top([jnp.max(c.m, initial=0) for c in chunks])
     pivot = jnp.where(jnp.isinf(big) & finite, m_max, big)
     ok = (pivot >= jnp.finfo(pivot.dtype).tiny) & jnp.isfinite(pivot)
     ratios = [times_inverse(c.m, jnp.where(ok, pivot, 1)) * c.r for c in chunks]
-    s = stacked(jnp.sum, [jnp.sum(x * x) if ord == 2 else jnp.sum(x) for x in ratios])
+    s = stacked(jnp.sum, [jnp.sum(x * x) if ord == 2 else jnp.sum(x) for x in ratios], fence=True)
     degenerate = _from_max(pivot)
     return Norm(jnp.where(ok, pivot, degenerate.m), jnp.where(ok, _finish(s, ord), degenerate.r))
 
@@ -996,8 +1018,8 @@ def summarize_units(
     clipped = grouped_collective(clipped, keep, lax.psum)
     scales = grouped_collective(scales, keep, lax.pmin)
     units = sum(c.size * axis_product(k) for (_, _, c), k in zip(factors, keep))
-    smallest = stacked(jnp.min, scales) if scales else jnp.ones((), np.float32)
-    n_clipped = stacked(jnp.sum, clipped) if clipped else jnp.zeros((), np.int32)
+    smallest = stacked(jnp.min, scales, fence=True) if scales else jnp.ones((), np.float32)
+    n_clipped = stacked(jnp.sum, clipped, fence=True) if clipped else jnp.zeros((), np.int32)
     return total, smallest, n_clipped, units
 
 

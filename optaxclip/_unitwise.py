@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optaxclip import _numerics as num
@@ -51,6 +52,18 @@ class AdaptiveGradClipState(NamedTuple):
     """State of :func:`adaptive_grad_clip`: O(1) scalars."""
 
     stats: ClipStats
+
+
+def _unit_vector(norms: num.UnitNorms, idx: list[int]) -> num.Norm:
+    """The norms of single-unit leaves ``idx`` as one vector: a gather from the flat vector
+    they sit on (one kernel), else a concatenation."""
+    flat = norms.flat
+    if flat is not None and set(idx) <= set(flat.order):
+        where = {i: k for k, i in enumerate(flat.order)}
+        pick = np.asarray([where[i] for i in idx])
+        return num.Norm(flat.norm.m[pick], flat.norm.r[pick])
+    picked = [norms[i] for i in idx]
+    return num.Norm(*(jnp.concatenate([jnp.ravel(v) for v in vs]) for vs in zip(*picked)))
 
 
 def adaptive_grad_clip(
@@ -199,13 +212,30 @@ def adaptive_grad_clip(
             flat=False,
         )
         g_norms, p_norms = norms[:n], norms[n:]
-        factors = [
-            num.clip_factors(g_norm, lam * jnp.maximum(p_norm.value, floor))
-            for g_norm, p_norm in zip(g_norms, p_norms)
-        ]
+        limit = lambda p_norm: lam * jnp.maximum(p_norm.value, floor)
+        # Leaves of one unit (biases, norm scales) have their factors computed together on
+        # one vector: per-leaf chains of scalar work cost a kernel each to compile.
+        single = [i for i in range(n) if jnp.size(g_norms[i].r) == 1 and not keep[i]]
+        several = [i for i in range(n) if i not in set(single)]
+        factors: list = [None] * n
+        parts, part_norms, part_keep = [], [], []
+        if single:
+            g_vec = _unit_vector(norms, single)
+            p_vec = _unit_vector(norms, [n + i for i in single])
+            vec_factors = num.materialize(*num.clip_factors(g_vec, limit(p_vec)))
+            for j, i in enumerate(single):
+                factors[i] = tuple(v[j].reshape(jnp.shape(g_norms[i].r)) for v in vec_factors)
+            parts.append(vec_factors)
+            part_norms.append(g_vec)
+            part_keep.append(())
+        for i in several:
+            factors[i] = num.clip_factors(g_norms[i], limit(p_norms[i]))
+            parts.append(factors[i])
+            part_norms.append(g_norms[i])
+            part_keep.append(keep[i])
         out = [num.scale_leaf(x, p, q) for x, (p, q, _) in zip(g_leaves, factors)]
         # Units split over devices (kept dimensions sharded) are counted once.
-        total, scale, clipped_units, n_units = num.summarize_units(g_norms, factors, 2, keep)
+        total, scale, clipped_units, n_units = num.summarize_units(part_norms, parts, 2, part_keep)
         stats = next_stats(
             state.stats,
             norm=total.value,

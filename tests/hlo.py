@@ -49,3 +49,20 @@ def reduction_count(text: str, sizes: set[int]) -> int:
             if m and _size(shapes[comp].get(m.group(1), "")) in sizes:
                 count += 1
     return count
+
+
+def largest_fusion(text: str) -> int:
+    """The most instructions in one fused computation (one kernel) of the compiled HLO."""
+    called = set(re.findall(r" fusion\(.*calls=%([\w.\-]+)", text))
+    largest, name, count = 0, None, 0
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
+        if head:
+            name, count = head.group(1), 0
+        elif line == "}":
+            if name in called:
+                largest = max(largest, count)
+            name = None
+        elif name is not None:
+            count += 1
+    return largest

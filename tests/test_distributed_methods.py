@@ -101,9 +101,10 @@ def test_one_collective_per_distinct_axis_set(results, method):
     elif method == "adaptive_grad_clip":
         # unit norms: one psum per axis set sharding a reduced dimension ("x" and ("x", "y")
         # here: columns are the units); units of column-sharded leaves differ over "y", so
-        # the rescue decision (pmax) and the statistics over them are shared over "y": the
-        # norm (pmax + psum) on the ordinary trip and again in the rescue loop, the clipped
-        # count (psum), the smallest scale (pmin)
-        assert counts == {"psum": 2 + 2 + 2, "pmax": 1 + 1 + 1, "pmin": 1}
+        # the rescue decision (pmax, taken once, on the ordinary trip) and the statistics
+        # over them are shared over "y": the unit sums (psum) on the ordinary trip and again
+        # in the rescue loop, the norm (pmax + psum), the clipped count (psum), the smallest
+        # scale (pmin)
+        assert counts == {"psum": 2 + 2 + 2, "pmax": 1 + 1, "pmin": 1}
     else:
         assert counts == {"psum": 2 * AXIS_SETS}

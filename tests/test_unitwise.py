@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hlo import largest_fusion
 
 import optaxclip as oc
 
@@ -164,3 +165,27 @@ def test_clipping_schedule_follows_the_step_count():
 def test_eps_must_be_a_number_not_a_schedule():
     with pytest.raises(TypeError, match=r"`eps` must be a number, not a schedule"):
         oc.adaptive_grad_clip(0.01, eps=lambda count: 1e-3)
+
+
+def _layers(n):
+    """A transformer-like tree: per layer, 4 kernels of many units and 8 single-unit leaves."""
+    shapes = {}
+    for i in range(n):
+        shapes |= {f"{i}/w{j}": (16, 24) for j in range(4)}
+        shapes |= {f"{i}/b{j}": (24,) for j in range(8)}
+    return _tree(list(shapes.values()), seed=n)
+
+
+def test_kernels_do_not_grow_with_the_leaf_count():
+    # Each leaf's scalar chains (unit factors, rescue tests, statistics) were fused by XLA
+    # into one kernel per statistic, whose size grew with the leaves and whose compile time
+    # grew faster than that (20 s at 147 leaves). Now no kernel holds more than a fixed
+    # number of leaves' chains.
+    tx = oc.adaptive_grad_clip(0.01)
+
+    def largest(tree):
+        lowered = jax.jit(tx.update).lower(tree, tx.init(tree), tree)
+        return largest_fusion(lowered.compile().as_text())
+
+    small, big = largest(_layers(1)), largest(_layers(3))
+    assert big <= 1.5 * small, (small, big)
