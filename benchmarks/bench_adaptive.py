@@ -279,7 +279,7 @@ def state_phase(key: str, state: Any) -> dict[str, Any]:
 
 
 def paired(times: dict[str, list[float]], name: str, ref: str) -> dict[str, float]:
-    """Quartiles of the per-round ratio of ``name``'s time to ``ref``'s (run back to back)."""
+    """Quartiles of the per-round ratio of ``name``'s time to ``ref``'s (same round)."""
     per_round = np.asarray(times[name]) / np.asarray(times[ref])
     q25, median, q75 = np.percentile(per_round, [25, 50, 75])
     return {"median": float(median), "q25": float(q25), "q75": float(q75)}
@@ -468,9 +468,9 @@ def over_target(groups: dict[str, Any]) -> list[str]:
 LEGEND = f"""
 Baseline: oc.clip_by_global_norm({MAX_NORM}) alone, and chain(it, adam). Every state is
 taken after {WARMUP_STEPS} updates on log-normally rescaled gradients (σ = {WARMUP_SCALE_SIGMA}).
-"× baseline paired" is the median (and quartiles) of per-round ratios (the two calls ran
-back to back), robust to drift in the machine's load; the verdict compares it with the
-target."""
+"× baseline paired" is the median (and quartiles) of per-round ratios (each round runs
+every program once, in a shuffled order), robust to drift in the machine's load; the
+verdict compares it with the target."""
 
 
 # ---------------------------------------------------------------------------
