@@ -1055,11 +1055,11 @@ def unit_clip(
         counts = [int(jnp.size(norms[i].r)) for i in flat]
         unit_sizes = np.concatenate([np.full(k, sizes[i]) for k, i in zip(counts, flat)])
         p, q, clipped = materialize(*clip_factors(vec, limits_for(unit_sizes)))
-        start = 0
-        for i, k in zip(flat, counts):
+        starts = np.cumsum([0, *counts[:-1]])
+        spans = leaf_pieces([p, q, clipped], list(zip(starts.tolist(), counts)))
+        for i, span in zip(flat, spans):
             shape = jnp.shape(norms[i].r)
-            factors[i] = tuple(v[start : start + k].reshape(shape) for v in (p, q, clipped))
-            start += k
+            factors[i] = tuple(v.reshape(shape) for v in span)
         parts.append((jnp.min(p * q, initial=1.0), jnp.sum(clipped, dtype=np.int32)))
     for i in rest:
         factors[i] = clip_factors(norms[i], limits_for(sizes[i]))
@@ -1140,6 +1140,42 @@ def materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
         for j, i in enumerate(idx):
             out[i] = values[j].astype(dtype)
     return tuple(out)
+
+
+_PIECE = 16
+
+
+def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) -> list[tuple]:
+    """``v[start : start + count]`` of every vector, for every ``(start, count)`` span.
+
+    XLA's CPU compile time of a kernel that reads an entry of a vector grows with the
+    vector's length: 6 ms per kernel at 1,000 entries, 0.3 ms at 2 (a leaf's output kernel
+    reading its factor from the factors of 2,000 leaves: 15 s). So one-entry spans (a
+    leaf of one unit) read their entry from a piece of at most ``_PIECE`` entries, which
+    one sort (XLA never fuses it) makes an array of its own. Longer spans slice the vector.
+    """
+    n = int(jnp.shape(vectors[0])[0])
+    singles = [start for start, count in spans if count == 1]
+    pieces = None
+    if n > _PIECE and singles and not any(_explicitly_sharded(v) for v in vectors):
+        pad = (-n) % _PIECE
+        dtypes = [v.dtype for v in vectors]
+        rows = []
+        for v in vectors:
+            carrier = jnp.pad(v.astype(np.int32) if v.dtype == np.bool_ else v, (0, pad))
+            rows.append([carrier[j : j + _PIECE] for j in range(0, n + pad, _PIECE)])
+        keys = lax.broadcasted_iota(np.int32, (_PIECE,), 0)
+        flat = lax.sort([keys] + [piece for row in rows for piece in row], num_keys=1)[1:]
+        m = len(rows[0])
+        pieces = [flat[k * m : (k + 1) * m] for k in range(len(vectors))]
+    out = []
+    for start, count in spans:
+        if count == 1 and pieces is not None:
+            div, mod = divmod(start, _PIECE)
+            out.append(tuple(ps[div][mod : mod + 1].astype(d) for ps, d in zip(pieces, dtypes)))
+        else:
+            out.append(tuple(v[start : start + count] for v in vectors))
+    return out
 
 
 def global_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -223,8 +223,9 @@ def adaptive_grad_clip(
             g_vec = _unit_vector(norms, single)
             p_vec = _unit_vector(norms, [n + i for i in single])
             vec_factors = num.materialize(*num.clip_factors(g_vec, limit(p_vec)))
-            for j, i in enumerate(single):
-                factors[i] = tuple(v[j].reshape(jnp.shape(g_norms[i].r)) for v in vec_factors)
+            spans = num.leaf_pieces(vec_factors, [(j, 1) for j in range(len(single))])
+            for i, span in zip(single, spans):
+                factors[i] = tuple(v.reshape(jnp.shape(g_norms[i].r)) for v in span)
             parts.append(vec_factors)
             part_norms.append(g_vec)
             part_keep.append(())

@@ -66,3 +66,20 @@ def largest_fusion(text: str) -> int:
         elif name is not None:
             count += 1
     return largest
+
+
+def entry_fusion_operands(text: str, shape: str) -> list[list[int]]:
+    """For each fusion of the entry computation whose result has ``shape`` (e.g.
+    ``"f32[8]"``), the element counts of its operands."""
+    entry = text[text.index("\nENTRY") :]
+    sizes: dict[str, int] = {}
+    out = []
+    for line in entry.splitlines():
+        inst = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = (\w+\[[\d,]*\])", line)
+        if not inst:
+            continue
+        sizes[inst.group(1)] = _size(inst.group(2))
+        if inst.group(2) == shape and " fusion(" in line:
+            args = line.split(" fusion(", 1)[1].split(")", 1)[0]
+            out.append([sizes.get(a, -1) for a in re.findall(r"%([\w.\-]+)", args)])
+    return out

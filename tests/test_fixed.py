@@ -12,6 +12,7 @@ import optax
 import oracle
 import pytest
 from helpers import DTYPES, enable_x64, make_tree, rtol
+from hlo import entry_fusion_operands
 
 import optaxclip as oc
 
@@ -425,3 +426,21 @@ def test_non_partition_spec_leaf_is_rejected():
 def test_boolean_array_threshold_is_rejected():
     with pytest.raises(TypeError, match=r"`max_norm` must be numeric; got an array of dtype bool"):
         oc.clip_by_global_norm(np.array(True))
+
+
+@pytest.mark.parametrize("name", ["clip_by_leaf_norm", "clip_by_block_rms"])
+def test_leaf_kernels_read_their_factors_from_small_pieces(name):
+    # XLA's CPU compile time of a kernel that reads one entry of a vector grows with the
+    # vector's length (15 s for 2,000 leaves reading the factors of all). Each leaf's
+    # output kernel reads the leaf and pieces of at most 16 factors.
+    tx = getattr(oc, name)(1.0)
+    grads = {f"l{i:02d}": jnp.full((8,), float(i), jnp.float32) for i in range(64)}
+    text = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile().as_text()
+    kernels = entry_fusion_operands(text, "f32[8]")
+    assert len(kernels) == 64
+    assert all(max(n for n in sizes if n != 8) <= 16 for sizes in kernels), kernels
+    out, _ = tx.update(grads, tx.init(grads))
+    for i in range(64):  # each leaf got its own factor
+        norm = math.sqrt(8) * i if name == "clip_by_leaf_norm" else float(i)
+        expected = i * min(1.0, 1.0 / norm) if i else 0.0
+        np.testing.assert_allclose(out[f"l{i:02d}"], np.full(8, expected), rtol=1e-6)
