@@ -411,10 +411,12 @@ def inspect_compiled(compiled: Compiled, grad_bytes: int, largest_leaf: int) -> 
 def time_round_robin(compiled: Sequence[Compiled], reps: int, warmup: int) -> dict[str, list]:
     """Seconds per call of each program, interleaved: rep 1 of all, then rep 2 of all, ...
 
-    Each round runs the programs in a new (seeded) random order. In a fixed order, a
-    program paid for the one before it: ``skip_spikes()`` measured 1.09-1.12x
-    ``clip_by_global_norm`` right after ``spike_aware_clip`` (which frees two
-    gradient-sized arrays per call), and 1.01x in shuffled rounds.
+    Each round runs the programs in a new (seeded) random order, and each timed call
+    follows an untimed call of the same program. A call pays for the one before it: in a
+    fixed order, ``skip_spikes()`` measured 1.09-1.12x ``clip_by_global_norm`` right after
+    ``spike_aware_clip`` (which frees two gradient-sized arrays per call), and 1.01x in
+    shuffled rounds, where the neighbours' cost spread the paired ratios' quartiles to
+    +-25%; the untimed call takes that cost.
     """
     for _ in range(warmup):
         for c in compiled:
@@ -424,6 +426,7 @@ def time_round_robin(compiled: Sequence[Compiled], reps: int, warmup: int) -> di
     for _ in range(reps):
         for i in rng.permutation(len(compiled)):
             c = compiled[i]
+            jax.block_until_ready(c.call())
             t0 = time.perf_counter()
             out = c.call()
             jax.block_until_ready(out)
