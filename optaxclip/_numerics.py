@@ -398,13 +398,8 @@ def stacked(op: Callable, xs: Sequence[jax.Array], fence: bool = False) -> jax.A
     if fence and len(xs) > _FENCE_GROUP:
         parts = []
         for i in range(0, len(xs), _FENCE_GROUP):
-            group = jnp.stack(xs[i : i + _FENCE_GROUP])
-            dtype = group.dtype
-            carrier = group.astype(np.int32) if dtype == np.bool_ else group
-            if not _explicitly_sharded(carrier):  # as in materialize
-                keys = lax.broadcasted_iota(np.int32, carrier.shape, 0)
-                _, carrier = lax.sort((keys, carrier), dimension=0, num_keys=1)
-            parts.append(op(carrier.astype(dtype), axis=0))
+            (group,) = _through_sort([jnp.stack(xs[i : i + _FENCE_GROUP])])
+            parts.append(op(group, axis=0))
         xs = parts
     return op(jnp.stack(xs), axis=0)
 
@@ -1116,6 +1111,19 @@ def clip_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, ja
     return jnp.where(clipped, p, one), jnp.where(clipped, q, one), clipped
 
 
+def _through_sort(arrays: Sequence[jax.Array]) -> list[jax.Array]:
+    """``arrays`` (of one shape) unchanged, as outputs of one sort keyed on their index
+    along axis 0: XLA never fuses a sort, so each is computed once, an array of its own.
+    Booleans travel as int32. Arrays with a sharding in their type are returned as they
+    are (a sort needs one sharding for keys and values)."""
+    if any(_explicitly_sharded(a) for a in arrays):
+        return list(arrays)
+    carriers = [a.astype(np.int32) if a.dtype == np.bool_ else a for a in arrays]
+    keys = lax.broadcasted_iota(np.int32, carriers[0].shape, 0)
+    out = lax.sort([keys, *carriers], dimension=0, num_keys=1)[1:]
+    return [o.astype(a.dtype) for o, a in zip(out, arrays)]
+
+
 def materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
     """``xs`` unchanged, but computed once instead of inside every kernel that reads them.
 
@@ -1131,14 +1139,12 @@ def materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
     for i, x in enumerate(xs):
         groups.setdefault((jnp.result_type(x), jnp.shape(x)), []).append(i)
     for (dtype, _), idx in groups.items():
-        carrier = np.int32 if dtype == np.bool_ else dtype
-        values = jnp.stack([jnp.asarray(xs[i]).astype(carrier) for i in idx])
-        if _explicitly_sharded(values):  # a sort needs one sharding for keys and values
+        values = jnp.stack([jnp.asarray(xs[i]).astype(dtype) for i in idx])
+        if _explicitly_sharded(values):
             continue
-        keys = lax.broadcasted_iota(np.int32, values.shape, 0)
-        _, values = lax.sort((keys, values), dimension=0, num_keys=1)
+        (values,) = _through_sort([values])
         for j, i in enumerate(idx):
-            out[i] = values[j].astype(dtype)
+            out[i] = values[j]
     return tuple(out)
 
 
@@ -1159,20 +1165,15 @@ def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) 
     pieces = None
     if n > _PIECE and singles and not any(_explicitly_sharded(v) for v in vectors):
         pad = (-n) % _PIECE
-        dtypes = [v.dtype for v in vectors]
-        rows = []
-        for v in vectors:
-            carrier = jnp.pad(v.astype(np.int32) if v.dtype == np.bool_ else v, (0, pad))
-            rows.append([carrier[j : j + _PIECE] for j in range(0, n + pad, _PIECE)])
-        keys = lax.broadcasted_iota(np.int32, (_PIECE,), 0)
-        flat = lax.sort([keys] + [piece for row in rows for piece in row], num_keys=1)[1:]
-        m = len(rows[0])
-        pieces = [flat[k * m : (k + 1) * m] for k in range(len(vectors))]
+        cuts = range(0, n + pad, _PIECE)
+        padded = [jnp.pad(v, (0, pad)) for v in vectors]
+        flat = _through_sort([v[j : j + _PIECE] for v in padded for j in cuts])
+        pieces = [flat[k * len(cuts) : (k + 1) * len(cuts)] for k in range(len(vectors))]
     out = []
     for start, count in spans:
         if count == 1 and pieces is not None:
             div, mod = divmod(start, _PIECE)
-            out.append(tuple(ps[div][mod : mod + 1].astype(d) for ps, d in zip(pieces, dtypes)))
+            out.append(tuple(ps[div][mod : mod + 1] for ps in pieces))
         else:
             out.append(tuple(v[start : start + count] for v in vectors))
     return out
