@@ -363,7 +363,7 @@ def _value_stats_oracle(updates, c):
 
 def _value_case(name):
     rng = np.random.default_rng(7)
-    big = rng.standard_normal(5000).astype(np.float32)  # above SMALL_LEAF: its own reduction
+    big = rng.standard_normal(9000).astype(np.float32)  # above SMALL_LEAF: its own reduction
     small = rng.standard_normal(37).astype(np.float32)
     if name == "none_clipped":
         return {"big": big, "small": small}, 100.0

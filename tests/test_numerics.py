@@ -14,6 +14,7 @@ from helpers import DTYPES, TREES, enable_x64, make_tree
 from jax.test_util import check_grads
 
 import optaxclip as oc
+from optaxclip import _numerics as num
 
 ORDS = [1, 2, math.inf]
 
@@ -207,7 +208,7 @@ def _top_level_primitives(jaxpr) -> list[str]:
 
 def _big_and_small_tree():
     """Three leaves above SMALL_LEAF entries, and five small ones of two dtypes."""
-    big = [jnp.ones((64, 64)), jnp.ones((4096,)), jnp.ones((2, 64, 64), jnp.bfloat16)]
+    big = [jnp.ones((96, 96)), jnp.ones((8192,)), jnp.ones((2, 64, 64), jnp.bfloat16)]
     small = [
         jnp.ones((3,)),
         jnp.ones((8, 8)),
@@ -247,6 +248,20 @@ def test_many_small_leaves_compile_to_few_reductions():
     tree = [jnp.ones((16,)) for _ in range(200)]
     names = _top_level_primitives(jax.make_jaxpr(oc.global_norm)(tree).jaxpr)
     assert len(_reductions(names)) == 1
+
+
+def test_medium_leaves_below_small_leaf_are_stacked_and_the_norm_stays_exact():
+    # Leaves of 4,096 entries (a (32, 128) kernel) are stacked: one reduction in the
+    # ordinary pass, where reducing each on its own cost a kernel each to compile. Leaves
+    # of SMALL_LEAF entries keep their own reduction.
+    rng = np.random.default_rng(11)
+    medium = [jnp.asarray(rng.standard_normal((32, 128)), jnp.float32) for _ in range(6)]
+    big = [jnp.asarray(rng.standard_normal(num.SMALL_LEAF), jnp.float32) for _ in range(2)]
+    names = _top_level_primitives(jax.make_jaxpr(oc.global_norm)(medium + big).jaxpr)
+    assert len(_reductions(names)) == 1 + 2 + 1  # stacked, two big, the partials
+    np.testing.assert_allclose(
+        oc.global_norm(medium + big), oracle.global_norm(medium + big), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("scale", [1e18, 1e19, 3e19, 1e20])
