@@ -210,10 +210,14 @@ def random_tree(shapes: dict[str, tuple[int, ...]], dtype: Any, seed: int) -> di
 
 def floor_read(grads: Any) -> jax.Array:
     """One read pass over every gradient byte: the float32 sum of squares of all leaves."""
-    leaves = jax.tree.leaves(grads)
-    # One stack and one sum of the per-leaf sums: a Python chain of scalar adds takes XLA's
-    # CPU fusion pass quadratic time (20 s at 2,000 leaves).
-    return jnp.sum(jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves]))
+    sums = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(grads)]
+    # Stacks of the per-leaf sums, each through an identity sort (never fused), then one sum:
+    # a Python chain of scalar adds takes XLA's CPU fusion pass quadratic time, and one stack
+    # of 2,000 sums 16-26 s to compile; stacks of 512 take 2 s, at the same runtime.
+    stacks = [
+        num._through_sort([jnp.stack(sums[i : i + 512])])[0] for i in range(0, len(sums), 512)
+    ]
+    return jnp.sum(jnp.concatenate(stacks))
 
 
 def floor_read_write(grads: Any, s: jax.Array) -> Any:
