@@ -264,6 +264,20 @@ def test_medium_leaves_below_small_leaf_are_stacked_and_the_norm_stays_exact():
     )
 
 
+def test_separate_copies_keep_values_and_dtypes_and_are_not_merged():
+    values = [jnp.float32(2.0), jnp.float32(2.0), jnp.bfloat16(0.5), jnp.float32(-3.0)]
+
+    def fn(anchor):
+        return num.separate(values, anchor)
+
+    out = jax.jit(fn)(jnp.float32(0.0))
+    assert [x.dtype for x in out] == [x.dtype for x in values]
+    assert [float(x) for x in out] == [float(x) for x in values]
+    # Batched (per-example norms): one copy per value, each still a vector.
+    batched = jax.vmap(lambda a: num.separate([a, a], a * 0))(jnp.arange(3.0))
+    np.testing.assert_array_equal(batched[0], batched[1])
+
+
 @pytest.mark.parametrize("scale", [1e18, 1e19, 3e19, 1e20])
 def test_rescaled_and_ordinary_paths_agree_at_their_border(scale):
     # Sums of squares just below and just above float32's overflow give the same accuracy.
