@@ -749,6 +749,7 @@ class _FlatUnits:
                 width = 1 << max(math.prod(x.shape[j] for j in a) - 1, 0).bit_length()
                 groups.setdefault((x.dtype, width), []).append(i)
         self.direct, self.groups = direct, list(groups.items())
+        self._rows: dict[tuple, jax.Array] = {}
         self.order = direct + [i for _, idx in self.groups for i in idx]
         self.offsets: dict[int, int] = {}
         start = 0
@@ -766,6 +767,16 @@ class _FlatUnits:
         """The number of entries of each unit, as a vector aligned with the units."""
         return np.concatenate([np.full(math.prod(self.shapes[i]), sizes[i]) for i in self.order])
 
+    def stacked_rows(self, width: int, idx: list[int]) -> jax.Array:
+        """The rows of a group's units, stacked once: the rescue loop's body reads the
+        ordinary pass's matrix rather than laying the leaves out again (at 1,000 small
+        leaves that was 4,000 instructions in the body, for XLA's while-loop passes)."""
+        key = (width, tuple(idx))
+        if key not in self._rows:
+            rows = [_unit_matrix(self.leaves[i], self.axes[i], width) for i in idx]
+            self._rows[key] = rows[0] if len(rows) == 1 else jnp.concatenate(rows)
+        return self._rows[key]
+
     def sums(self, ord: float, dtype: np.dtype, c: jax.Array | None) -> jax.Array:
         """``sum(|x * c|**ord)`` of every unit, ``c`` a flat vector of per-unit scales (or
         ``None``: unscaled)."""
@@ -776,8 +787,7 @@ class _FlatUnits:
             s = jnp.sum(_magnitude(x, ord, dtype), a, keepdims=True)
             parts.append(jnp.ravel(s))
         for (_, width), idx in self.groups:
-            rows = [_unit_matrix(self.leaves[i], self.axes[i], width) for i in idx]
-            stacked_rows = rows[0] if len(rows) == 1 else jnp.concatenate(rows)
+            stacked_rows = self.stacked_rows(width, idx)
             if c is not None:
                 start = self.offsets[idx[0]]
                 scale = c[start : start + stacked_rows.shape[0], None]
@@ -844,11 +854,18 @@ def _unit_pairs(
 
     def on_vector(xs):
         """The leaves whose units go on the flat vector. With ``flat=False``, those with a
-        single unit still do: their norm is a scalar, which ties no sharding."""
+        single unit still do (their norm is a scalar, which ties no sharding), and so do
+        leaves below ``SMALL_UNIT_LEAF`` entries, which the vector stacks: kept apart, each
+        cost a few dozen kernels (AGC over 2,000 small leaves compiled in 105 s)."""
         if mesh:
             return []
         single = lambda i: all(xs[i].shape[a] == 1 or a in axes[i] for a in range(xs[i].ndim))
-        return [i for i, x in enumerate(xs) if not _explicitly_sharded(x) and (flat or single(i))]
+        small = lambda i: xs[i].size < SMALL_UNIT_LEAF
+        return [
+            i
+            for i, x in enumerate(xs)
+            if not _explicitly_sharded(x) and (flat or single(i) or small(i))
+        ]
 
     def leaf_sums(xs, cs, idx):
         scaled = lambda x, c: x if c is None else _times(x, c, dtype)
@@ -1157,33 +1174,52 @@ def materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
 
 
 _PIECE = 16
+_BLOCK = 256
 
 
 def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) -> list[tuple]:
     """``v[start : start + count]`` of every vector, for every ``(start, count)`` span.
 
-    XLA's CPU compile time of a kernel that reads an entry of a vector grows with the
-    vector's length: 6 ms per kernel at 1,000 entries, 0.3 ms at 2 (a leaf's output kernel
-    reading its factor from the factors of 2,000 leaves: 15 s). So one-entry spans (a
-    leaf of one unit) read their entry from a piece of at most ``_PIECE`` entries, which
-    one sort (XLA never fuses it) makes an array of its own. Longer spans slice the vector.
+    XLA's CPU compile time of a kernel that reads part of a vector grows faster than the
+    vector's length: 1,000 kernels each reading one entry took 0.5 s from a vector of 16
+    entries, 1.7 s from 256 and 6 s from 1,024; reading 16 entries, 0.6 s from 272 and
+    8.7 s from 16,000. So spans of up to ``_PIECE`` entries read from a block of their
+    own: the block of ``_BLOCK`` entries (plus ``_PIECE`` of overlap, so no such span
+    crosses two) that holds them, made an array of its own by one sort (XLA never fuses
+    it), only where some span starts; one-entry spans (a leaf of one unit), which cost
+    more, from a piece of ``_PIECE`` entries made the same way. Longer spans slice the
+    vector.
     """
     n = int(jnp.shape(vectors[0])[0])
-    singles = [start for start, count in spans if count == 1]
-    pieces = None
-    if n > _PIECE and singles and not any(_explicitly_sharded(v) for v in vectors):
-        pad = (-n) % _PIECE
-        cuts = range(0, n + pad, _PIECE)
+    if n <= _PIECE or any(_explicitly_sharded(v) for v in vectors):
+        return [tuple(v[start : start + count] for v in vectors) for start, count in spans]
+
+    def cut(width: int, stride: int, starts: list[int]) -> dict[int, tuple]:
+        """The windows ``v[w * stride : w * stride + width]`` holding ``starts``, each
+        an array of its own: {w: one per vector}."""
+        if not starts:
+            return {}
+        windows = sorted({s // stride for s in starts})
+        pad = max(max(w * stride + width for w in windows) - n, 0)
         padded = [jnp.pad(v, (0, pad)) for v in vectors]
-        flat = _through_sort([v[j : j + _PIECE] for v in padded for j in cuts])
-        pieces = [flat[k * len(cuts) : (k + 1) * len(cuts)] for k in range(len(vectors))]
+        flat = _through_sort([v[w * stride : w * stride + width] for v in padded for w in windows])
+        k = len(windows)
+        return {
+            w: tuple(flat[j * k + i] for j in range(len(vectors))) for i, w in enumerate(windows)
+        }
+
+    singles = cut(_PIECE, _PIECE, [s for s, c in spans if c == 1])
+    small = [s for s, c in spans if 1 < c <= _PIECE] if n > _BLOCK + _PIECE else []
+    blocks = cut(_BLOCK + _PIECE, _BLOCK, small)
     out = []
     for start, count in spans:
-        if count == 1 and pieces is not None:
-            div, mod = divmod(start, _PIECE)
-            out.append(tuple(ps[div][mod : mod + 1] for ps in pieces))
+        if count == 1 and singles:
+            base, window = start % _PIECE, singles[start // _PIECE]
+        elif 1 < count <= _PIECE and blocks:
+            base, window = start % _BLOCK, blocks[start // _BLOCK]
         else:
-            out.append(tuple(v[start : start + count] for v in vectors))
+            base, window = start, vectors
+        out.append(tuple(v[base : base + count] for v in window))
     return out
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
 
 from optaxclip import _numerics as num
 from optaxclip._stats import ClipStats, init_stats, named_state, next_stats
@@ -55,12 +56,15 @@ class AdaptiveGradClipState(NamedTuple):
 
 
 def _unit_vector(norms: num.UnitNorms, idx: list[int]) -> num.Norm:
-    """The norms of single-unit leaves ``idx`` as one vector: a gather from the flat vector
-    they sit on (one kernel), else a concatenation."""
+    """The units of leaves ``idx``, one leaf after the other, as one vector: a gather from
+    the flat vector they sit on (one kernel), else a concatenation."""
     flat = norms.flat
     if flat is not None and set(idx) <= set(flat.order):
-        where = {i: k for k, i in enumerate(flat.order)}
-        pick = np.asarray([where[i] for i in idx])
+        counts = [int(jnp.size(norms[i].r)) for i in flat.order]
+        starts = dict(zip(flat.order, np.cumsum([0, *counts[:-1]]).tolist()))
+        pick = np.concatenate(
+            [np.arange(starts[i], starts[i] + int(jnp.size(norms[i].r))) for i in idx]
+        )
         return num.Norm(flat.norm.m[pick], flat.norm.r[pick])
     picked = [norms[i] for i in idx]
     return num.Norm(*(jnp.concatenate([jnp.ravel(v) for v in vs]) for vs in zip(*picked)))
@@ -213,18 +217,29 @@ def adaptive_grad_clip(
         )
         g_norms, p_norms = norms[:n], norms[n:]
         limit = lambda p_norm: lam * jnp.maximum(p_norm.value, floor)
-        # Leaves of one unit (biases, norm scales) have their factors computed together on
-        # one vector: per-leaf chains of scalar work cost a kernel each to compile.
-        single = [i for i in range(n) if jnp.size(g_norms[i].r) == 1 and not keep[i]]
-        several = [i for i in range(n) if i not in set(single)]
+        # Leaves of one unit (biases, norm scales) and small leaves, whose units sit on the
+        # flat vector, have their factors computed together on one vector: per-leaf chains
+        # of scalar work cost a kernel each to compile. One-unit leaves come first, so
+        # their factors are next to each other (see leaf_pieces).
+        on_vec = set(norms.flat.order) if norms.flat is not None else set()
+        units = lambda i: int(jnp.size(g_norms[i].r))
+        together = [
+            i
+            for i in range(n)
+            if not keep[i] and (units(i) == 1 or (i in on_vec and n + i in on_vec))
+        ]
+        together.sort(key=lambda i: units(i) > 1)
+        several = [i for i in range(n) if i not in set(together)]
         factors: list = [None] * n
         parts, part_norms, part_keep = [], [], []
-        if single:
-            g_vec = _unit_vector(norms, single)
-            p_vec = _unit_vector(norms, [n + i for i in single])
+        if together:
+            g_vec = _unit_vector(norms, together)
+            p_vec = _unit_vector(norms, [n + i for i in together])
             vec_factors = num.materialize(*num.clip_factors(g_vec, limit(p_vec)))
-            spans = num.leaf_pieces(vec_factors, [(j, 1) for j in range(len(single))])
-            for i, span in zip(single, spans):
+            counts = [units(i) for i in together]
+            starts = np.cumsum([0, *counts[:-1]]).tolist()
+            spans = num.leaf_pieces(vec_factors, list(zip(starts, counts)))
+            for i, span in zip(together, spans):
                 factors[i] = tuple(v.reshape(jnp.shape(g_norms[i].r)) for v in span)
             parts.append(vec_factors)
             part_norms.append(g_vec)
@@ -235,6 +250,11 @@ def adaptive_grad_clip(
             part_norms.append(g_norms[i])
             part_keep.append(keep[i])
         out = [num.scale_leaf(x, p, q) for x, (p, q, _) in zip(g_leaves, factors)]
+        for i in together:
+            if units(i) > 1:
+                # Its factors come from the vector shared with the other leaves, whose
+                # layout GSPMD's propagation may give them; the update keeps the gradient's.
+                out[i] = shard_alike(g_leaves[i], out[i])[1]
         # Units split over devices (kept dimensions sharded) are counted once.
         total, scale, clipped_units, n_units = num.summarize_units(part_norms, parts, 2, part_keep)
         stats = next_stats(

@@ -83,3 +83,20 @@ def entry_fusion_operands(text: str, shape: str) -> list[list[int]]:
             args = line.split(" fusion(", 1)[1].split(")", 1)[0]
             out.append([sizes.get(a, -1) for a in re.findall(r"%([\w.\-]+)", args)])
     return out
+
+
+def while_body_sizes(text: str) -> list[int]:
+    """The number of instructions in the body of each while loop of the compiled HLO."""
+    bodies = set(re.findall(r" while\(.*body=%([\w.\-]+)", text))
+    sizes, name, count = [], None, 0
+    for line in text.splitlines():
+        head = re.match(r"^%([\w.\-]+) \(", line)
+        if head:
+            name, count = head.group(1), 0
+        elif line == "}":
+            if name in bodies:
+                sizes.append(count)
+            name = None
+        elif name is not None:
+            count += 1
+    return sizes

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hlo import largest_fusion
+from hlo import entry_fusion_operands, largest_fusion, while_body_sizes
 
 import optaxclip as oc
 
@@ -174,6 +174,46 @@ def _layers(n):
         shapes |= {f"{i}/w{j}": (16, 24) for j in range(4)}
         shapes |= {f"{i}/b{j}": (24,) for j in range(8)}
     return _tree(list(shapes.values()), seed=n)
+
+
+def _small_leaves(n, seed, scale=1.0):
+    """``n`` kernels of 12 units (16 x 12: below SMALL_UNIT_LEAF) and ``n`` biases."""
+    shapes = [(16, 12)] * n + [(12,)] * n
+    return _tree(shapes, seed, scale)
+
+
+def test_small_leaves_of_several_units_are_clipped_on_one_vector():
+    # Leaves below SMALL_UNIT_LEAF entries, of several units too, have their norms and
+    # factors on the flat vector (kept apart, each cost a few dozen kernels: 2,000 small
+    # leaves compiled in 105 s). 40 kernels of 12 units and 40 biases: 520 factors.
+    tx = oc.adaptive_grad_clip(3.0)
+    grads, params = _small_leaves(40, 0), _small_leaves(40, 1, scale=0.3)
+    text = jax.jit(tx.update).lower(grads, tx.init(params), params).compile().as_text()
+    entry = text[text.index("\nENTRY") :]
+    assert entry.count(" fusion(") <= 4 * 80, entry.count(" fusion(")  # about 40 a kernel apart
+    # Each kernel's output reads the leaf and a block of at most 256 + 16 factors (a kernel
+    # reading part of a longer vector costs much more to compile).
+    kernels = entry_fusion_operands(text, "f32[16,12]")
+    assert len(kernels) == 40
+    assert all(max(n for n in sizes if n != 192) <= 272 for sizes in kernels), kernels
+    got, state = tx.update(grads, tx.init(params), params)
+    expected, _ = optax.adaptive_grad_clip(3.0).update(grads, optax.EmptyState(), params)
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
+    assert 0.1 < float(state.stats.clipped) < 0.9  # some units clipped, not all
+
+
+def test_rescue_loop_does_not_lay_small_leaves_out_again():
+    # The rescue loop's body reads the ordinary pass's stacked rows: at 1,000 small leaves
+    # laying them out again was 4,000 instructions in the body, for XLA's while-loop passes.
+    tx = oc.adaptive_grad_clip(0.05)
+
+    def body(n):
+        grads = _small_leaves(n, 0)
+        text = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile().as_text()
+        return max(while_body_sizes(text))
+
+    small, big = body(10), body(60)
+    assert big <= small + 10, (small, big)
 
 
 def test_kernels_do_not_grow_with_the_leaf_count():
