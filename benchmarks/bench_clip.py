@@ -101,9 +101,6 @@ CHAINS = (OC_CHAIN, OX_CHAIN)
 VALUE_LIMIT = 2.0  # clip_by_value's threshold: about 5% of standard-normal entries clip
 BLOCK_RMS = 0.5  # below the RMS (1.0) of standard-normal leaves: every leaf clips
 AGC_CLIPPING = 0.01  # against parameters of norm ~ the gradients': every unit clips
-# optaxclip's AGC compiles in time superlinear in the leaves (16 s at 200 small leaves, over
-# 5 minutes at 2,000): it is left out of the 2,000-leaf tree (see the README).
-AGC_MAX_LEAVES = 500
 
 
 # ---------------------------------------------------------------------------
@@ -285,11 +282,10 @@ def make_contenders(grads: Any, params: Any, with_chains: bool) -> list[Contende
         transform_contender(OC_LEAF, oc.clip_by_leaf_norm(MAX_NORM), grads, params),
         transform_contender(OX_LEAF, optax_leaf_norm_clip(MAX_NORM), grads, params),
     ]
-    if len(jax.tree.leaves(grads)) <= AGC_MAX_LEAVES:
-        contenders += [
-            transform_contender(OC_AGC, oc.adaptive_grad_clip(AGC_CLIPPING), grads, agc_params),
-            transform_contender(OX_AGC, optax.adaptive_grad_clip(AGC_CLIPPING), grads, agc_params),
-        ]
+    contenders += [
+        transform_contender(OC_AGC, oc.adaptive_grad_clip(AGC_CLIPPING), grads, agc_params),
+        transform_contender(OX_AGC, optax.adaptive_grad_clip(AGC_CLIPPING), grads, agc_params),
+    ]
     if with_chains:
         adam = lambda: optax.adam(LEARNING_RATE)
         chains = {
@@ -536,8 +532,6 @@ def bench_tree(spec: TreeSpec, sizes: Sizes) -> dict[str, Any]:
         }
     add_ratios(results, times)
     skipped = [] if spec.with_chains else [ADAM, OC_CHAIN, OX_CHAIN]
-    if len(leaves) > AGC_MAX_LEAVES:
-        skipped += [OC_AGC, OX_AGC]
     return {
         "title": spec.title,
         "dtype": str(jnp.dtype(spec.dtype)),
