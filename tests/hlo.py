@@ -51,21 +51,26 @@ def reduction_count(text: str, sizes: set[int]) -> int:
     return count
 
 
-def largest_fusion(text: str) -> int:
-    """The most instructions in one fused computation (one kernel) of the compiled HLO."""
-    called = set(re.findall(r" fusion\(.*calls=%([\w.\-]+)", text))
-    largest, name, count = 0, None, 0
+def _computation_sizes(text: str) -> dict[str, int]:
+    """The number of instructions in each named computation of the compiled HLO."""
+    sizes: dict[str, int] = {}
+    name = None
     for line in text.splitlines():
         head = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
         if head:
-            name, count = head.group(1), 0
+            name = head.group(1)
+            sizes[name] = 0
         elif line == "}":
-            if name in called:
-                largest = max(largest, count)
             name = None
         elif name is not None:
-            count += 1
-    return largest
+            sizes[name] += 1
+    return sizes
+
+
+def largest_fusion(text: str) -> int:
+    """The most instructions in one fused computation (one kernel) of the compiled HLO."""
+    called = set(re.findall(r" fusion\(.*calls=%([\w.\-]+)", text))
+    return max([n for name, n in _computation_sizes(text).items() if name in called] + [0])
 
 
 def entry_fusion_operands(text: str, shape: str) -> list[list[int]]:
@@ -88,15 +93,4 @@ def entry_fusion_operands(text: str, shape: str) -> list[list[int]]:
 def while_body_sizes(text: str) -> list[int]:
     """The number of instructions in the body of each while loop of the compiled HLO."""
     bodies = set(re.findall(r" while\(.*body=%([\w.\-]+)", text))
-    sizes, name, count = [], None, 0
-    for line in text.splitlines():
-        head = re.match(r"^%([\w.\-]+) \(", line)
-        if head:
-            name, count = head.group(1), 0
-        elif line == "}":
-            if name in bodies:
-                sizes.append(count)
-            name = None
-        elif name is not None:
-            count += 1
-    return sizes
+    return [n for name, n in _computation_sizes(text).items() if name in bodies]
