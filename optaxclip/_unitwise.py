@@ -221,7 +221,8 @@ def adaptive_grad_clip(
         # flat vector, have their factors computed together on one vector: per-leaf chains
         # of scalar work cost a kernel each to compile. One-unit leaves come first, so
         # their factors are next to each other (see leaf_pieces).
-        on_vec = set(norms.flat.order) if norms.flat is not None else set()
+        flat = getattr(norms, "flat", None)  # an empty tree's norms are a plain list
+        on_vec = set(flat.order) if flat is not None else set()
         units = lambda i: int(jnp.size(g_norms[i].r))
         together = [
             i

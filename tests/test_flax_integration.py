@@ -266,7 +266,10 @@ def test_train_state_apply_gradients_matches_optax_clipper_chain(name):
         # Adam's first moment: a running mean of the clipped gradients (atol for cancellation).
         ours, theirs = s["state"].opt_state[1], s["ref_state"].opt_state[1]
         chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-9)
-        chex.assert_trees_all_close(s["state"].params, s["ref_state"].params, rtol=1e-6)
+        # Parameters near 0 are differences of larger steps: an absolute tolerance below one
+        # float32 ulp of the weights (6e-8 at 0.5). AGC sums small leaves' units in another
+        # order than optax, so its factors can differ in the last bit.
+        chex.assert_trees_all_close(s["state"].params, s["ref_state"].params, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("name", sorted(LINEN_PAIRS))
