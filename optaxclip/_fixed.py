@@ -102,7 +102,9 @@ def _value_statistics(
 
     lowest = num.stacked(jnp.min, [c.astype(dtype), *(b.astype(dtype) for b in bounds.values())])
     branch = jnp.where(nan_seen, 2, jnp.where(largest > lowest, 1, 0))
-    return lax.switch(branch, [lambda: (largest, zero), fast, exact])
+    # zeros_like: the count keeps the type of ``largest`` (varying per device inside
+    # shard_map without axis_name), as the other branches' does.
+    return lax.switch(branch, [lambda: (largest, jnp.zeros_like(largest)), fast, exact])
 
 
 @named_state("clip_by_value")

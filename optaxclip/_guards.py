@@ -206,7 +206,8 @@ def zero_nonfinite(
             total = reducer.count([x.size for x in leaves])
             return bad / jnp.maximum(jnp.asarray(total, np.float32), 1)
 
-        fraction = lax.cond(norm.finite, lambda: jnp.zeros((), np.float32), count_bad)
+        # zeros_like of the norm: per device inside shard_map without axis_name, as count_bad's.
+        fraction = lax.cond(norm.finite, lambda: jnp.zeros_like(norm.m, np.float32), count_bad)
         updates = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)), updates)
         stats = _skip_stats(state.stats, norm, ~norm.finite, jnp.inf)._replace(clipped=fraction)
         return updates, ZeroNonfiniteState(stats=stats)

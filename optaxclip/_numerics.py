@@ -633,7 +633,10 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
         s = sums(None)
         bad = jnp.isinf(s) | (s < floor)
         init = (jnp.where(bad, jnp.where(jnp.isinf(s), down, up), one), s, bad)
-        c, s, _ = lax.while_loop(lambda st: st[2], lambda st: (st[0], sums(st[0]), False), init)
+        # The cleared flag keeps the flag's type (inside shard_map without axis_name, each
+        # device's own flag: a literal False would not match the varying carry).
+        body = lambda st: (st[0], sums(st[0]), st[2] & False)
+        c, s, _ = lax.while_loop(lambda st: st[2], body, init)
         return Norm(1 / c, _finish(s, ord))
 
     @pair.defjvp
@@ -912,7 +915,7 @@ def _unit_pairs(
 
         def body(state):
             s_vec = units.sums(ord, dtype, c_vec) if on_vec else state[0]
-            return s_vec, leaf_sums(xs, c_apart, apart), False
+            return s_vec, leaf_sums(xs, c_apart, apart), state[2] & False  # see _global_pair
 
         s_vec, s_apart, _ = lax.while_loop(lambda st: st[2], body, (s_vec, s_apart, again))
         out: list[Any] = [None] * len(xs)

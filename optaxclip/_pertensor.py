@@ -442,7 +442,9 @@ def spike_aware_clip(
             n_clipped, scale = lax.cond(
                 active,
                 lambda: _spike_statistics(leaves, nus, given, theta, anchor, reducer),
-                lambda: (jnp.zeros((), _F32), _f32(1.0)),
+                # zeros_like / ones_like of the norm: per device inside shard_map without
+                # axis_name, as the other branch's figures are.
+                lambda: (jnp.zeros_like(norm.m, _F32), jnp.ones_like(norm.m, _F32)),
             )
             size = jnp.asarray(reducer.count([x.size for x in leaves]), _F32)
         else:

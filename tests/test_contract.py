@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 from helpers import BATCHED, DTYPES, NOT_TRANSFORMS, TRANSFORMS, TREES, make_tree, params_like
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optaxclip as oc
 
@@ -211,3 +213,28 @@ def test_grad_through_clipper_is_finite_at_zero_input(name):
 
     grads = jax.grad(loss, argnums=(0, 1))(zeros, zeros)
     chex.assert_tree_all_finite(grads)
+
+
+@pytest.mark.parametrize("name", sorted(set(TRANSFORMS) - BATCHED))
+def test_update_runs_per_device_inside_shard_map_without_axis_name(name):
+    # Inside shard_map (JAX's default check_vma) without axis_name, each device clips what
+    # it holds: the rescue loop's flag, and clip_by_value's branches, keep the per-device
+    # type of the data (a literal False had the while_loop's carry types differ). One
+    # device, so the result is the unsharded one.
+    entry = TRANSFORMS[name]
+    tx = entry.make()
+    grads = make_tree("nested_dict", jnp.float32)
+    params = params_like(grads) if entry.needs_params else grads
+    state = tx.init(params)
+    mesh = jax.make_mesh((1,), ("x",))
+    spec = jax.tree.map(lambda x: P("x") if jnp.ndim(x) else P(), grads)
+    placed = [
+        jax.device_put(t, jax.tree.map(lambda s: NamedSharding(mesh, s), spec))
+        for t in (grads, params)
+    ]
+    step = jax.shard_map(
+        lambda g, p: tx.update(g, state, p)[0], mesh=mesh, in_specs=(spec, spec), out_specs=spec
+    )
+    got = jax.jit(step)(*placed)
+    expected = tx.update(grads, state, params)[0]
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
