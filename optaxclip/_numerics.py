@@ -1132,11 +1132,19 @@ def clip_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, ja
     q = (limit / jnp.where(positive, r, one)) / m_reduced
     p = jnp.where(big, jnp.asarray(2.0**-k, dtype), one)
     # Keep the split only where the scale itself is subnormal: otherwise (x * p) * q would
-    # flush small entries that x * (p * q) keeps.
-    whole = p * q
-    split = whole < jnp.finfo(dtype).tiny
-    p, q = jnp.where(split, p, one), jnp.where(split, q, whole)
-    return jnp.where(clipped, p, one), jnp.where(clipped, q, one), clipped
+    # flush small entries that x * (p * q) keeps. Unsplit, p * q equals (limit / r) / m:
+    # the powers of two scale exactly.
+    split = p * q < jnp.finfo(dtype).tiny
+    # Each factor is made by a division, the last operation: XLA (CPU) does not fuse an
+    # expensive operation into a kernel that broadcasts it, so per-unit factors are computed
+    # once per unit. Fused, the whole chain above ran once per entry in the kernel that
+    # scales the leaf (AGC on a (32000, 320) embedding: 1.18x optax, 0.99x computed once).
+    # Unclipped units divide 1 by 1.
+    q = jnp.where(clipped, limit / jnp.where(positive, r, one), one) / jnp.where(
+        clipped, jnp.where(split, m_reduced, m), one
+    )
+    p = one / jnp.where(clipped & split & big, jnp.asarray(2.0**k, dtype), one)
+    return p, q, clipped
 
 
 def _through_sort(arrays: Sequence[jax.Array]) -> list[jax.Array]:

@@ -90,6 +90,15 @@ def entry_fusion_operands(text: str, shape: str) -> list[list[int]]:
     return out
 
 
+def entry_fusion_sizes(text: str, shape: str) -> list[int]:
+    """For each fusion of the entry computation whose result has ``shape``, the number of
+    instructions in its fused computation (what the kernel computes per entry)."""
+    entry = text[text.index("\nENTRY") :]
+    called = re.findall(rf"= {re.escape(shape)}\{{[\d,]*\}} fusion\(.*calls=%([\w.\-]+)", entry)
+    sizes = _computation_sizes(text)
+    return [sizes[name] for name in called]
+
+
 def while_body_sizes(text: str) -> list[int]:
     """The number of instructions in the body of each while loop of the compiled HLO."""
     bodies = set(re.findall(r" while\(.*body=%([\w.\-]+)", text))

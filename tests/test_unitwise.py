@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hlo import entry_fusion_operands, largest_fusion, while_body_sizes
+from hlo import entry_fusion_operands, entry_fusion_sizes, largest_fusion, while_body_sizes
 
 import optaxclip as oc
 
@@ -198,6 +198,22 @@ def test_small_leaves_of_several_units_are_clipped_on_one_vector():
     assert all(max(n for n in sizes if n != 192) <= 272 for sizes in kernels), kernels
     got, state = tx.update(grads, tx.init(params), params)
     expected, _ = optax.adaptive_grad_clip(3.0).update(grads, optax.EmptyState(), params)
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
+    assert 0.1 < float(state.stats.clipped) < 0.9  # some units clipped, not all
+
+
+def test_factors_are_computed_once_per_unit_not_per_entry():
+    # The kernel that scales a leaf of several units only multiplies by two factors read
+    # from memory. With the factors' chain fused into it (selects, compares and products
+    # per unit), XLA ran the chain once per entry: 1.18x optax on a (32000, 320) embedding.
+    tx = oc.adaptive_grad_clip(1.0)
+    grads, params = _tree([(96, 128), (128, 96)], 0), _tree([(96, 128), (128, 96)], 1)
+    text = jax.jit(tx.update).lower(grads, tx.init(params), params).compile().as_text()
+    for shape in ("f32[96,128]", "f32[128,96]"):
+        sizes = entry_fusion_sizes(text, shape)
+        assert len(sizes) == 1 and sizes[0] <= 10, (shape, sizes)  # about 40 fused
+    got, state = tx.update(grads, tx.init(params), params)
+    expected, _ = optax.adaptive_grad_clip(1.0).update(grads, optax.EmptyState(), params)
     chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
     assert 0.1 < float(state.stats.clipped) < 0.9  # some units clipped, not all
 
