@@ -37,15 +37,24 @@ def _init_inner(inner, params):
     return optax.EmptyState() if inner is None else inner.init(params)
 
 
-def _gated(ok, updates, inner_state, inner, params, extra_args):
-    """Runs ``inner`` (if any) and keeps its result only where ``ok``; else zeros, old state."""
+def _gated(ok, updates, inner_state, inner, params, extra_args, norm, settings):
+    """Runs ``inner`` (if any) and keeps its result only where ``ok``; else zeros, old state.
+
+    Without ``inner`` the output is the update or zeros, whose norm is ``norm`` (the
+    update's, with ``settings``) or zero's: it is offered to the transformation that comes
+    next in an ``optax.chain``, which then does not read the leaves again."""
     (ok,) = num.materialize(ok)  # read by every leaf: computed once
     if inner is not None:
         new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
         inner_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, inner_state)
         updates = new_updates
     gate = lambda u: jnp.where(ok, num.own_read(u), jnp.zeros_like(u))
-    return jax.tree.map(gate, updates), inner_state
+    out = jax.tree.map(gate, updates)
+    if inner is None:
+        zero = num.zero_pair(norm.m.dtype)
+        out_norm = num.Norm(*(jnp.where(ok, a, b) for a, b in zip(norm, zero)))
+        num.offer_output("global", jax.tree.leaves(out), settings, out_norm)
+    return out, inner_state
 
 
 def _sharing(update_fn):
@@ -134,10 +143,14 @@ def skip_nonfinite(
     def init_fn(params):
         return SkipNonfiniteState(stats=init_stats(), inner_state=_init_inner(inner, params))
 
+    settings = (2, axis_name, partition_specs)
+
     def update_fn(updates, state, params=None, **extra_args):
         norm = num.global_pair(updates, 2, axis_name=axis_name, partition_specs=partition_specs)
         ok = norm.finite
-        updates, inner_state = _gated(ok, updates, state.inner_state, inner, params, extra_args)
+        updates, inner_state = _gated(
+            ok, updates, state.inner_state, inner, params, extra_args, norm, settings
+        )
         stats = _skip_stats(state.stats, norm, ~ok, jnp.inf)
         return updates, SkipNonfiniteState(stats=stats, inner_state=inner_state)
 
@@ -436,6 +449,8 @@ def skip_spikes(
             inner_state=_init_inner(inner, params),
         )
 
+    settings = (2, axis_name, partition_specs)
+
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         norm = num.global_pair(updates, 2, axis_name=axis_name, partition_specs=partition_specs)
         x = norm.value.astype(np.float32)
@@ -458,7 +473,9 @@ def skip_spikes(
         skip = ~finite | spike
 
         inner_extra = dict(extra_args) if value is None else {**extra_args, "value": value}
-        updates, inner_state = _gated(~skip, updates, state.inner_state, inner, params, inner_extra)
+        updates, inner_state = _gated(
+            ~skip, updates, state.inner_state, inner, params, inner_extra, norm, settings
+        )
         head = state.head
         norms = state.norms.at[head].set(jnp.where(finite, x, state.norms[head]))
         losses = state.losses.at[head].set(jnp.where(finite, loss, state.losses[head]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -283,3 +284,15 @@ def test_rescaled_and_ordinary_paths_agree_at_their_border(scale):
     # Sums of squares just below and just above float32's overflow give the same accuracy.
     tree = jax.tree.map(lambda x: x * scale, make_tree("nested_dict", jnp.float32))
     np.testing.assert_allclose(oc.global_norm(tree), oracle.global_norm(tree), rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, "float64"])
+def test_zero_pair_is_the_global_pair_of_zeros(dtype):
+    # A guard offers it as the norm of the zeros it returns on a skipped step, in place of
+    # the pair the clipper after it would compute: the two must be the same pair.
+    with enable_x64() if dtype == "float64" else contextlib.nullcontext():
+        tree = {"a": jnp.zeros((3, 5), dtype), "b": jnp.zeros((9000,), dtype)}
+        got = num.global_pair(tree, 2)
+        expected = num.zero_pair(got.m.dtype)
+        assert got.m.dtype == expected.m.dtype
+        assert float(got.m) == float(expected.m) and float(got.r) == float(expected.r) == 0.0
