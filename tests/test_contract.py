@@ -238,3 +238,41 @@ def test_update_runs_per_device_inside_shard_map_without_axis_name(name):
     got = jax.jit(step)(*placed)
     expected = tx.update(grads, state, params)[0]
     chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
+
+
+# Positional arguments of the factories that take ``axis_name`` (the others have defaults).
+_AXIS_ARGS = {
+    "clip_by_value": (0.5,),
+    "clip_by_global_norm": (1.0,),
+    "clip_by_leaf_norm": (1.0,),
+    "clip_by_block_rms": (0.5,),
+    "clip_by_group_norm": (lambda path: path.split("/")[0], {"layer": 1.0, "head": 0.5}),
+}
+_TAKE_AXIS_NAME = sorted(
+    name
+    for name in set(TRANSFORMS) - BATCHED
+    if "axis_name" in inspect.signature(getattr(oc, name)).parameters
+)
+
+
+@pytest.mark.parametrize("name", _TAKE_AXIS_NAME)
+def test_update_runs_inside_shard_map_with_axis_name_under_default_check_vma(name):
+    # The distributed tests pass check_vma=False; JAX's default (True) types every value
+    # as varying or not across the devices, and the collectives must leave the norms and
+    # decisions invariant where the carries and branches expect it. One device.
+    tx = getattr(oc, name)(*_AXIS_ARGS.get(name, ()), axis_name="x")
+    grads = make_tree("nested_dict", jnp.float32)
+    params = params_like(grads) if TRANSFORMS[name].needs_params else grads
+    state = tx.init(params)
+    mesh = jax.make_mesh((1,), ("x",))
+    spec = jax.tree.map(lambda x: P("x") if jnp.ndim(x) else P(), grads)
+    placed = [
+        jax.device_put(t, jax.tree.map(lambda s: NamedSharding(mesh, s), spec))
+        for t in (grads, params)
+    ]
+    step = jax.shard_map(
+        lambda g, p: tx.update(g, state, p)[0], mesh=mesh, in_specs=(spec, spec), out_specs=spec
+    )
+    got = jax.jit(step)(*placed)
+    expected = getattr(oc, name)(*_AXIS_ARGS.get(name, ())).update(grads, state, params)[0]
+    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
