@@ -211,16 +211,16 @@ def adaptive_grad_clip(
             axes + axes,
             zero_ok=zero_ok,
             mesh=None if mesh is None else mesh + mesh,
-            # one array per leaf: units of a leaf sharded along a kept dimension (GSPMD) keep
-            # that sharding, which a flat vector of every unit would tie to the others'
-            flat=False,
         )
         g_norms, p_norms = norms[:n], norms[n:]
         limit = lambda p_norm: lam * jnp.maximum(p_norm.value, floor)
-        # Leaves of one unit (biases, norm scales) and small leaves, whose units sit on the
-        # flat vector, have their factors computed together on one vector: per-leaf chains
-        # of scalar work cost a kernel each to compile. One-unit leaves come first, so
-        # their factors are next to each other (see leaf_pieces).
+        # Leaves whose units sit on the flat vector (all but explicitly sharded ones) and
+        # leaves of one unit have their factors computed together on one vector: per-leaf
+        # chains of scalar work cost kernels to compile and to run (on the 147-leaf tree,
+        # 2,235 kernels against optax's 1,102; together, 505). One-unit leaves come first,
+        # so their factors are next to each other (see leaf_pieces). The factors end in a
+        # division, so each leaf's kernel reads them rather than recomputing them per entry
+        # (see clip_factors); no sort is needed to keep them apart.
         flat = getattr(norms, "flat", None)  # an empty tree's norms are a plain list
         on_vec = set(flat.order) if flat is not None else set()
         units = lambda i: int(jnp.size(g_norms[i].r))
@@ -236,7 +236,7 @@ def adaptive_grad_clip(
         if together:
             g_vec = _unit_vector(norms, together)
             p_vec = _unit_vector(norms, [n + i for i in together])
-            vec_factors = num.materialize(*num.clip_factors(g_vec, limit(p_vec)))
+            vec_factors = num.clip_factors(g_vec, limit(p_vec))
             counts = [units(i) for i in together]
             starts = np.cumsum([0, *counts[:-1]]).tolist()
             spans = num.leaf_pieces(vec_factors, list(zip(starts, counts)))
@@ -254,7 +254,8 @@ def adaptive_grad_clip(
         for i in together:
             if units(i) > 1:
                 # Its factors come from the vector shared with the other leaves, whose
-                # layout GSPMD's propagation may give them; the update keeps the gradient's.
+                # layout GSPMD's propagation may give them (a column-sharded kernel's units
+                # sit beside replicated ones); the update keeps the gradient's.
                 out[i] = shard_alike(g_leaves[i], out[i])[1]
         # Units split over devices (kept dimensions sharded) are counted once.
         total, scale, clipped_units, n_units = num.summarize_units(part_norms, parts, 2, part_keep)

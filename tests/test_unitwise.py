@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -216,6 +218,24 @@ def test_factors_are_computed_once_per_unit_not_per_entry():
     expected, _ = optax.adaptive_grad_clip(1.0).update(grads, optax.EmptyState(), params)
     chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
     assert 0.1 < float(state.stats.clipped) < 0.9  # some units clipped, not all
+
+
+def test_large_leaves_add_a_few_kernels_each():
+    # Units of large leaves sit on the flat vector too: their rescue tests, factors and
+    # statistics are a few kernels for the whole tree, and each leaf adds its two norms and
+    # its output (and the slicing of its factors). Kept apart, each leaf added 32 kernels:
+    # 2,235 on the 147-leaf benchmark tree, against optax's 1,102.
+    tx = oc.adaptive_grad_clip(1.0)
+
+    def kernels(n):
+        grads = _tree([(96, 128)] * n, 0)
+        text = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile().as_text()
+        entry = text[text.index("\nENTRY") :]
+        return len(
+            re.findall(r" (?:fusion|sort|while|conditional|copy|concatenate|gather)\(", entry)
+        )
+
+    assert (kernels(6) - kernels(2)) / 4 <= 6, (kernels(2), kernels(6))
 
 
 def test_rescue_loop_does_not_lay_small_leaves_out_again():
