@@ -579,10 +579,20 @@ def offer(kind: str, leaves: Sequence[Any], settings: tuple, value: Any) -> None
         entries.append((kind, list(leaves), settings, True, value))
 
 
-# Norms of a transformation's own output, offered outside any scope (see offer_output), per
-# thread: (kind, weak references to the leaves, settings, value). The last few are kept.
+# Norms of a transformation's own output, offered outside any scope (see offer_output): one
+# list per thread, of the last few entries.
 _OUTPUTS = threading.local()
 _MAX_OUTPUTS = 8
+
+
+class _Output:
+    """An offered norm: weak references to the leaves, and the value (compared by identity)."""
+
+    __slots__ = ("__weakref__", "kind", "refs", "settings", "value")
+
+    def __init__(self, kind: str, settings: tuple, value: Any):
+        self.kind, self.settings, self.value = kind, settings, value
+        self.refs: list = []
 
 
 def offer_output(kind: str, leaves: Sequence[Any], settings: tuple, value: Any) -> None:
@@ -592,29 +602,40 @@ def offer_output(kind: str, leaves: Sequence[Any], settings: tuple, value: Any) 
     ``optax.chain(skip_spikes(), zclip())`` hands zclip the guard's output, whose norm the
     guard knows (its input's, or zero's); without this, zclip read every leaf again (2.05x
     ``zclip`` alone). ``value`` must be exactly what :func:`shared`'s ``compute`` would give.
-    Matched by identity through weak references, so an entry ends with its arrays. (A
-    guard's own scope, around its ``inner``, has closed by the time its output is read.)
+    Matched by identity through weak references: the entry (and the value, which may be a
+    tracer of a finished trace) is dropped as soon as one of its leaves is freed. (A guard's
+    own scope, around its ``inner``, has closed by the time its output is read.)
     """
     offer(kind, leaves, settings, value)  # the enclosing scope, if any, as well
     if not leaves:
         return
+    entries = getattr(_OUTPUTS, "entries", None)
+    if entries is None:
+        entries = _OUTPUTS.entries = []
+    entry = _Output(kind, settings, value)
+    mine = weakref.ref(entry)
+
+    def drop(_, entries=entries, mine=mine):
+        with contextlib.suppress(ValueError):
+            entries.remove(mine())
+
     try:
-        refs = [weakref.ref(x) for x in leaves]
+        entry.refs = [weakref.ref(x, drop) for x in leaves]
     except TypeError:  # a leaf that is not an array (a Python scalar): nothing to match
         return
-    live = [e for e in getattr(_OUTPUTS, "entries", []) if all(r() is not None for r in e[1])]
-    _OUTPUTS.entries = [*live, (kind, refs, settings, value)][-_MAX_OUTPUTS:]
+    entries.append(entry)
+    del entries[:-_MAX_OUTPUTS]
 
 
 def _offered_output(kind: str, leaves: Sequence[Any], settings: tuple) -> Any:
-    for k, refs, st, value in reversed(getattr(_OUTPUTS, "entries", [])):
+    for entry in reversed(tuple(getattr(_OUTPUTS, "entries", ()))):
         if (
-            k == kind
-            and len(refs) == len(leaves)
-            and all(r() is x for r, x in zip(refs, leaves))
-            and _same(st, settings)
+            entry.kind == kind
+            and len(entry.refs) == len(leaves)
+            and all(r() is x for r, x in zip(entry.refs, leaves))
+            and _same(entry.settings, settings)
         ):
-            return value
+            return entry.value
     return None
 
 

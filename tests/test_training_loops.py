@@ -3,6 +3,7 @@ per-layer metrics and gradient accumulation."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import chex
@@ -402,6 +403,21 @@ def test_norm_handed_on_by_a_guard_equals_the_norm_measured_again(guard):
         chex.assert_trees_all_equal(oc.stats(both), {**oc.stats(s1), **oc.stats(s2)})
         skipped += int(np.all(np.asarray(got["b"]) == 0))
     assert skipped == (2 if guard == "skip_spikes" else 1)
+
+
+def test_handed_on_norms_do_not_outlive_their_arrays():
+    # The guard's offer is matched by identity through weak references: once its output is
+    # freed (the chain's step is over, eager or traced), nothing of it is kept, so no
+    # finished trace stays alive through the norm's tracers.
+    from optaxclip import _numerics as num
+
+    tx = optax.chain(oc.skip_spikes(), oc.zclip())
+    g = big_tree()
+    state = tx.init(g)
+    _, state = tx.update(g, state)
+    jax.jit(tx.update)(g, state)
+    gc.collect()
+    assert not getattr(num._OUTPUTS, "entries", [])
 
 
 def count_top_level_sums(jaxpr, shapes) -> int:
