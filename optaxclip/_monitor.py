@@ -90,6 +90,10 @@ def monitor(
         del params, extra_args
         if not per_leaf:
             norm = num.global_pair(updates, 2, axis_name=axis_name, partition_specs=partition_specs)
+            # It returns the very arrays it measured: a clipper after it in an optax.chain
+            # reads this norm instead of the leaves.
+            settings = (2, axis_name, partition_specs)
+            num.offer_output("global", jax.tree.leaves(updates), settings, norm)
             return updates, MonitorState(num.as_f32(norm.value), state.count + 1, None)
         raw, treedef = jax.tree.flatten(updates)
         leaves = [jnp.asarray(x) for x in raw]

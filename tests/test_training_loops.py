@@ -357,6 +357,9 @@ CHAINED = {
     "chain(skip_nonfinite, clip_by_global_norm, adam)": lambda: optax.chain(
         oc.skip_nonfinite(), oc.clip_by_global_norm(1.0), optax.adam(1e-3)
     ),
+    "chain(monitor, clip_by_global_norm, adam)": lambda: optax.chain(
+        oc.monitor(), oc.clip_by_global_norm(1.0), optax.adam(1e-3)
+    ),
 }
 
 
@@ -364,12 +367,15 @@ CHAINED = {
 def test_guard_chained_before_a_clipper_hands_it_the_norm(name):
     # Without inner, a guard returns the update or zeros and offers their norm to the next
     # transformation of the optax.chain, which does not read the leaves again (it did:
-    # chain(skip_spikes, zclip) ran at 2.05x zclip alone).
+    # chain(skip_spikes, zclip) ran at 2.05x zclip alone); monitor returns what it measured.
     tx = CHAINED[name]()
     g = big_tree()
     with jax.numpy_dtype_promotion("standard"):
         text = jax.jit(tx.update).lower(g, tx.init(g), g).compile().as_text()
+        jaxpr = jax.make_jaxpr(tx.update)(g, tx.init(g), g)
     assert reduction_count(text, {math.prod(s) for s in BIG.values()}) == 3
+    # In the jaxpr already (XLA would merge monitor's norm and the clipper's on its own).
+    assert count_top_level_sums(jaxpr.jaxpr, set(BIG.values())) == 3
 
 
 @pytest.mark.parametrize("guard", ["skip_spikes", "skip_nonfinite"])
@@ -411,13 +417,14 @@ def test_handed_on_norms_do_not_outlive_their_arrays():
     # finished trace stays alive through the norm's tracers.
     from optaxclip import _numerics as num
 
+    before = list(getattr(num._OUTPUTS, "entries", []))  # other tests' arrays still alive
     tx = optax.chain(oc.skip_spikes(), oc.zclip())
     g = big_tree()
     state = tx.init(g)
     _, state = tx.update(g, state)
     jax.jit(tx.update)(g, state)
     gc.collect()
-    assert not getattr(num._OUTPUTS, "entries", [])
+    assert [e for e in getattr(num._OUTPUTS, "entries", []) if e not in before] == []
 
 
 def count_top_level_sums(jaxpr, shapes) -> int:
