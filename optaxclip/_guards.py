@@ -109,7 +109,8 @@ def skip_nonfinite(
     move). Without it, a skipped step's update is replaced by zeros; use that in front of a
     stateless optimizer. Finiteness is read off the update's global norm (one fused pass;
     finite entries of 1e30 whose squares overflow are not mistaken for infinities), which a
-    clipper at the head of ``inner`` reuses rather than reading the gradient again.
+    clipper at the head of ``inner`` reuses rather than reading the gradient again (so does
+    the transformation after it in an ``optax.chain``, given the norm of what it returns).
     Unlike ``optax.apply_if_finite`` it never gives up and applies a non-finite update.
 
     Args:
@@ -392,7 +393,10 @@ def skip_spikes(
     With ``inner``, a skipped step returns zeros and leaves ``inner``'s state exactly as it
     was; the decision uses the norm of the update entering ``skip_spikes``, so wrapping a
     clipped optimizer (``skip_spikes(optax.chain(clip, adam))``) decides on the pre-clip
-    norm, and the clipper reuses that norm instead of reading the gradient again.
+    norm, and the clipper reuses that norm instead of reading the gradient again. Without
+    ``inner``, the transformation after it in an ``optax.chain`` gets the norm of what it
+    returns (the update's, or zero's), so ``optax.chain(skip_spikes(), zclip(), adam)``
+    reads the gradient once too; but there a skipped step still moves Adam's state.
 
     Args:
       inner: the transformation to protect (e.g. ``optax.chain(clip, optax.adamw(...))``),
