@@ -221,10 +221,15 @@ def test_update_runs_per_device_inside_shard_map_without_axis_name(name):
     # it holds: the rescue loop's flag, and clip_by_value's branches, keep the per-device
     # type of the data (a literal False had the while_loop's carry types differ). One
     # device, so the result is the unsharded one.
-    entry = TRANSFORMS[name]
-    tx = entry.make()
+    tx = TRANSFORMS[name].make()
+    _check_one_device_shard_map(tx, tx, TRANSFORMS[name].needs_params)
+
+
+def _check_one_device_shard_map(tx, unsharded, needs_params):
+    """``tx``'s update inside ``shard_map`` over a one-device mesh ``("x",)`` (JAX's default
+    check_vma) equals ``unsharded``'s update outside it."""
     grads = make_tree("nested_dict", jnp.float32)
-    params = params_like(grads) if entry.needs_params else grads
+    params = params_like(grads) if needs_params else grads
     state = tx.init(params)
     mesh = jax.make_mesh((1,), ("x",))
     spec = jax.tree.map(lambda x: P("x") if jnp.ndim(x) else P(), grads)
@@ -236,7 +241,7 @@ def test_update_runs_per_device_inside_shard_map_without_axis_name(name):
         lambda g, p: tx.update(g, state, p)[0], mesh=mesh, in_specs=(spec, spec), out_specs=spec
     )
     got = jax.jit(step)(*placed)
-    expected = tx.update(grads, state, params)[0]
+    expected = unsharded.update(grads, state, params)[0]
     chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
 
 
@@ -260,19 +265,6 @@ def test_update_runs_inside_shard_map_with_axis_name_under_default_check_vma(nam
     # The distributed tests pass check_vma=False; JAX's default (True) types every value
     # as varying or not across the devices, and the collectives must leave the norms and
     # decisions invariant where the carries and branches expect it. One device.
-    tx = getattr(oc, name)(*_AXIS_ARGS.get(name, ()), axis_name="x")
-    grads = make_tree("nested_dict", jnp.float32)
-    params = params_like(grads) if TRANSFORMS[name].needs_params else grads
-    state = tx.init(params)
-    mesh = jax.make_mesh((1,), ("x",))
-    spec = jax.tree.map(lambda x: P("x") if jnp.ndim(x) else P(), grads)
-    placed = [
-        jax.device_put(t, jax.tree.map(lambda s: NamedSharding(mesh, s), spec))
-        for t in (grads, params)
-    ]
-    step = jax.shard_map(
-        lambda g, p: tx.update(g, state, p)[0], mesh=mesh, in_specs=(spec, spec), out_specs=spec
-    )
-    got = jax.jit(step)(*placed)
-    expected = getattr(oc, name)(*_AXIS_ARGS.get(name, ())).update(grads, state, params)[0]
-    chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=0)
+    args = _AXIS_ARGS.get(name, ())
+    tx = getattr(oc, name)(*args, axis_name="x")
+    _check_one_device_shard_map(tx, getattr(oc, name)(*args), TRANSFORMS[name].needs_params)
