@@ -37,12 +37,12 @@ def _init_inner(inner, params):
     return optax.EmptyState() if inner is None else inner.init(params)
 
 
-def _gated(ok, updates, inner_state, inner, params, extra_args, norm, settings):
+def _gated(ok, updates, inner_state, inner, params, extra_args, norm, sharding):
     """Runs ``inner`` (if any) and keeps its result only where ``ok``; else zeros, old state.
 
     Without ``inner`` the output is the update or zeros, whose norm is ``norm`` (the
-    update's, with ``settings``) or zero's: it is offered to the transformation that comes
-    next in an ``optax.chain``, which then does not read the leaves again."""
+    update's, measured with ``sharding``) or zero's: it is offered to the transformation that
+    comes next in an ``optax.chain``, which then does not read the leaves again."""
     (ok,) = num.materialize(ok)  # read by every leaf: computed once
     if inner is not None:
         new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
@@ -53,7 +53,7 @@ def _gated(ok, updates, inner_state, inner, params, extra_args, norm, settings):
     if inner is None:
         zero = num.zero_pair(norm.m.dtype)
         out_norm = num.Norm(*(jnp.where(ok, a, b) for a, b in zip(norm, zero)))
-        num.offer_output("global", jax.tree.leaves(out), settings, out_norm)
+        num.offer_global_pair(jax.tree.leaves(out), out_norm, **sharding)
     return out, inner_state
 
 
@@ -144,13 +144,13 @@ def skip_nonfinite(
     def init_fn(params):
         return SkipNonfiniteState(stats=init_stats(), inner_state=_init_inner(inner, params))
 
-    settings = (2, axis_name, partition_specs)
+    sharding = dict(axis_name=axis_name, partition_specs=partition_specs)
 
     def update_fn(updates, state, params=None, **extra_args):
-        norm = num.global_pair(updates, 2, axis_name=axis_name, partition_specs=partition_specs)
+        norm = num.global_pair(updates, 2, **sharding)
         ok = norm.finite
         updates, inner_state = _gated(
-            ok, updates, state.inner_state, inner, params, extra_args, norm, settings
+            ok, updates, state.inner_state, inner, params, extra_args, norm, sharding
         )
         stats = _skip_stats(state.stats, norm, ~ok, jnp.inf)
         return updates, SkipNonfiniteState(stats=stats, inner_state=inner_state)
@@ -453,10 +453,10 @@ def skip_spikes(
             inner_state=_init_inner(inner, params),
         )
 
-    settings = (2, axis_name, partition_specs)
+    sharding = dict(axis_name=axis_name, partition_specs=partition_specs)
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
-        norm = num.global_pair(updates, 2, axis_name=axis_name, partition_specs=partition_specs)
+        norm = num.global_pair(updates, 2, **sharding)
         x = norm.value.astype(np.float32)
         k = jnp.asarray(sigmas).astype(np.float32)
         active = (state.size + 1 >= active_from) & (state.size >= 2)
@@ -478,7 +478,7 @@ def skip_spikes(
 
         inner_extra = dict(extra_args) if value is None else {**extra_args, "value": value}
         updates, inner_state = _gated(
-            ~skip, updates, state.inner_state, inner, params, inner_extra, norm, settings
+            ~skip, updates, state.inner_state, inner, params, inner_extra, norm, sharding
         )
         head = state.head
         norms = state.norms.at[head].set(jnp.where(finite, x, state.norms[head]))

@@ -86,14 +86,15 @@ def monitor(
         zero = jnp.zeros((), np.float32)
         return MonitorState(norm=zero, count=jnp.zeros((), np.int32), leaf_norms=leaf_norms)
 
+    sharding = dict(axis_name=axis_name, partition_specs=partition_specs)
+
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         if not per_leaf:
-            norm = num.global_pair(updates, 2, axis_name=axis_name, partition_specs=partition_specs)
+            norm = num.global_pair(updates, 2, **sharding)
             # It returns the very arrays it measured: a clipper after it in an optax.chain
             # reads this norm instead of the leaves.
-            settings = (2, axis_name, partition_specs)
-            num.offer_output("global", jax.tree.leaves(updates), settings, norm)
+            num.offer_global_pair(jax.tree.leaves(updates), norm, **sharding)
             return updates, MonitorState(num.as_f32(norm.value), state.count + 1, None)
         raw, treedef = jax.tree.flatten(updates)
         leaves = [jnp.asarray(x) for x in raw]
@@ -110,7 +111,7 @@ def monitor(
             )
         total = num.combine(norms, 2)
         # A clipper after this one, inside a guard, reads this norm instead of the leaves.
-        num.offer("global", raw, (2, axis_name, partition_specs), total)
+        num.offer_global_pair(raw, total, **sharding, beyond_scope=False)
         per = [num.as_f32(n.value).reshape(x.shape[:k]) for n, x, k in zip(norms, leaves, counts)]
         return updates, MonitorState(
             num.as_f32(total.value), state.count + 1, jax.tree.unflatten(treedef, per)

@@ -1386,6 +1386,21 @@ def global_pair(
     return shared("global", raw, (ord, axis_name, partition_specs), compute)
 
 
+def offer_global_pair(
+    leaves: Sequence[Any],
+    value: Norm,
+    *,
+    axis_name: AxisName = None,
+    partition_specs: Any = None,
+    beyond_scope: bool = True,
+) -> None:
+    """Offers ``value`` as :func:`global_pair` (ord 2) of ``leaves``, under the key it uses:
+    to the transformations after this one (:func:`offer_output`, for an exact value), or,
+    with ``beyond_scope=False``, only within the enclosing sharing scope (:func:`offer`)."""
+    offer_to = offer_output if beyond_scope else offer
+    offer_to("global", leaves, (2, axis_name, partition_specs), value)
+
+
 def global_norm(
     tree: Any, ord: Any = 2, *, axis_name: AxisName = None, partition_specs: Any = None
 ) -> jax.Array:
