@@ -195,6 +195,9 @@ def clip_by_value(
             if not jnp.issubdtype(x.dtype, jnp.floating):
                 return jnp.clip(x, -c, c).astype(x.dtype)
             bound = bound_for(x.dtype)
+            if x.dtype == jnp.bfloat16:  # clamped in float32, whose result is a bfloat16
+                wide, b = num.own_read(x, 3).astype(np.float32), bound.astype(np.float32)
+                return num.narrow(jnp.clip(wide, -b, b), x.dtype, exact=True)
             return jnp.clip(num.own_read(x, 3), -bound, bound).astype(x.dtype)
 
         updates = jax.tree.map(clip_leaf, updates)

@@ -48,7 +48,7 @@ def _gated(ok, updates, inner_state, inner, params, extra_args, norm, sharding):
         new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
         inner_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, inner_state)
         updates = new_updates
-    gate = lambda u: jnp.where(ok, num.own_read(u), jnp.zeros_like(u))
+    gate = lambda u: num.keep_or_zero(ok, num.own_read(jnp.asarray(u)))
     out = jax.tree.map(gate, updates)
     if inner is None:
         zero = num.zero_pair(norm.m.dtype)
@@ -222,7 +222,7 @@ def zero_nonfinite(
 
         # zeros_like of the norm: per device inside shard_map without axis_name, as count_bad's.
         fraction = lax.cond(norm.finite, lambda: jnp.zeros_like(norm.m, np.float32), count_bad)
-        updates = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)), updates)
+        updates = jax.tree.map(lambda x: num.keep_or_zero(jnp.isfinite(x), x), updates)
         stats = _skip_stats(state.stats, norm, ~norm.finite, jnp.inf)._replace(clipped=fraction)
         return updates, ZeroNonfiniteState(stats=stats)
 

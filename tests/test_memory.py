@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from helpers import TRANSFORMS
+from hlo import entry_fusion_operands
 
 import optaxclip as oc
 
@@ -99,3 +100,26 @@ def test_value_clip_ordinary_path_holds_no_copy_of_a_leaf(dtype):
     ]
     # the three clipped leaves are the only full-size arrays written at the top level
     assert len(kernels) == 3, kernels
+
+
+# SPAM writes sign(g) * sqrt(threshold * v) where a coordinate spikes: XLA (CPU) computes a
+# square root once and keeps the result, as it should.
+COMPUTED_ONCE = {"spike_aware_clip"}
+
+
+@pytest.mark.parametrize("name", sorted(set(TRANSFORMS) - COMPUTED_ONCE))
+def test_bfloat16_update_fuses_into_adams_kernels(name):
+    # Adam reads the gradient in two kernels (first and second moment). The clipped
+    # bfloat16 update must be computed inside both rather than written to memory and read
+    # back: XLA (CPU) never duplicates a float32 -> bfloat16 convert, and a bfloat16 select
+    # or clamp is computed in float32 and converted back.
+    grads = {"layer": {k: jnp.full((256, 80), v, jnp.bfloat16) for k, v in [("a", 1), ("b", 2)]}}
+    grads["head"] = {"bias": jnp.ones((80,), jnp.bfloat16)}
+
+    def kernels(tx):
+        with jax.numpy_dtype_promotion("standard"):
+            text = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile().as_text()
+        return len(entry_fusion_operands(text, "bf16[256,80]"))
+
+    chained = kernels(optax.chain(TRANSFORMS[name].make(), optax.adam(1e-3)))
+    assert chained == kernels(optax.adam(1e-3))

@@ -296,3 +296,52 @@ def test_zero_pair_is_the_global_pair_of_zeros(dtype):
         expected = num.zero_pair(got.m.dtype)
         assert got.m.dtype == expected.m.dtype
         assert float(got.m) == float(expected.m) and float(got.r) == float(expected.r) == 0.0
+
+
+def _float32_patterns() -> np.ndarray:
+    """Every bfloat16 (all 2**16 top halves) with the low halves that decide its rounding
+    (zero, the smallest, just below the tie, the tie, just above it, the largest), and a
+    million random float32 bit patterns."""
+    top = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    rng = np.random.default_rng(0)
+    random = rng.integers(0, 1 << 32, 1_000_000, dtype=np.uint32)
+    return np.concatenate([(top[:, None] | low).ravel(), random]).view(np.float32)
+
+
+def test_narrow_to_bfloat16_rounds_to_nearest_even_like_the_conversion():
+    y = _float32_patterns()
+    got = np.asarray(jax.jit(lambda v: num.narrow(v, jnp.bfloat16))(y))
+    with np.errstate(invalid="ignore"):  # signalling NaNs among the patterns
+        expected = y.astype(jnp.bfloat16)  # ml_dtypes' numpy cast: an independent rounding
+        nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    # bit for bit (infinities, signed zeros, subnormals, ties) off the NaNs
+    np.testing.assert_array_equal(got[~nan].view(np.uint16), expected[~nan].view(np.uint16))
+    assert got.dtype == jnp.bfloat16
+
+
+def test_narrow_exact_drops_the_low_bits_of_bfloat16_values():
+    values = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+    quiet_nans = np.array([0x7FC00001, 0xFFC0FFFF, 0x7FFFFFFF], np.uint32).view(np.float32)
+    y = np.concatenate([values, quiet_nans])
+    got = np.asarray(jax.jit(lambda v: num.narrow(v, jnp.bfloat16, exact=True))(y))
+    with np.errstate(invalid="ignore"):  # signalling NaNs among the patterns
+        nan = np.isnan(y)
+        np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint16), (y[~nan].view(np.uint32) >> 16))
+
+
+@pytest.mark.parametrize("copies", [1, num.SMALL_LEAF], ids=["small", "large"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_keep_or_zero_keeps_bits_and_writes_positive_zeros(dtype, copies):
+    # A large bfloat16 leaf takes the select of bits (on CPU), a small one jnp.where.
+    x = jnp.tile(jnp.array([1.5, -0.0, jnp.nan, -jnp.inf, 3e-39, -2.0], dtype), copies)
+    keep = jnp.tile(jnp.array([True, True, True, True, True, False]), copies)
+    got = np.asarray(jax.jit(num.keep_or_zero)(keep, x)).reshape(copies, 6)
+    bits = lambda a: np.asarray(a).view(
+        np.uint8 if a.dtype.itemsize == 1 else f"u{a.dtype.itemsize}"
+    )
+    np.testing.assert_array_equal(bits(got[:, :5]), bits(np.asarray(x).reshape(copies, 6)[:, :5]))
+    assert (got[:, 5] == 0).all() and not np.signbit(got[:, 5].astype(np.float32)).any()
+    assert got.dtype == dtype
