@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,11 @@ def test_run_quick_writes_every_section(tmp_path):
             r = group["contenders"][key]
             assert r["median_ms"] > 0 and r["compile_s"] > 0 and "paired_vs_baseline" in r
     assert adaptive["groups"]["chain"]["contenders"]["skip_spikes_zclip"]["reference"] == "zclip"
+
+    # The timed sections keep freed memory in glibc's heap (see bench_clip.steady_allocator).
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert clip["machine"]["steady_allocator"] is glibc
+    assert adaptive["machine"]["steady_allocator"] is glibc
 
     perf = json.loads((tmp_path / "bench_perf.json").read_text())
     assert perf["dispatch"]["all_ran_ahead"]
