@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import threading
 import weakref
@@ -1354,7 +1355,7 @@ def own_read(x: jax.Array, tag: int = 0) -> jax.Array:
     return lax.optimization_barrier((x, jnp.int8(tag)))[0]
 
 
-def _bfloat16_by_bits(y: jax.Array, exact: bool = False) -> jax.Array:
+def _bfloat16_bits(y: jax.Array, exact: bool) -> jax.Array:
     """``y.astype(bfloat16)`` for float32 ``y`` (round to nearest, ties to even), from bits.
 
     The top 16 bits of a float32 are its bfloat16; adding ``0x7FFF`` plus the lowest kept
@@ -1371,6 +1372,30 @@ def _bfloat16_by_bits(y: jax.Array, exact: bool = False) -> jax.Array:
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         rounded = jnp.where(jnp.isnan(y), jnp.uint32(0x7FC0), rounded)
     return lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)
+
+
+# Bit operations have no derivative: differentiated, the bit paths are the conversion and
+# the select they stand for (without these rules, gradients through them were zero).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _bfloat16_by_bits(y: jax.Array, exact: bool = False) -> jax.Array:
+    return _bfloat16_bits(y, exact)
+
+
+@_bfloat16_by_bits.defjvp
+def _bfloat16_by_bits_jvp(exact, primals, tangents):
+    return _bfloat16_by_bits(primals[0], exact), tangents[0].astype(jnp.bfloat16)
+
+
+@jax.custom_jvp
+def _keep_bits(keep: jax.Array, x: jax.Array) -> jax.Array:
+    bits = lax.bitcast_convert_type(x, jnp.uint16)
+    return lax.bitcast_convert_type(jnp.where(keep, bits, jnp.uint16(0)), x.dtype)
+
+
+@_keep_bits.defjvp
+def _keep_bits_jvp(primals, tangents):
+    keep, x = primals
+    return _keep_bits(keep, x), jnp.where(keep, tangents[1], jnp.zeros_like(tangents[1]))
 
 
 def _by_bits(x: jax.Array) -> bool:
@@ -1408,8 +1433,7 @@ def keep_or_zero(keep: jax.Array, x: jax.Array) -> jax.Array:
     which XLA fuses into the kernels that read the result instead of widening to float32
     and converting back (see :func:`narrow`)."""
     if x.dtype == jnp.bfloat16 and _by_bits(x):
-        bits = lax.bitcast_convert_type(x, jnp.uint16)
-        return lax.bitcast_convert_type(jnp.where(keep, bits, jnp.uint16(0)), x.dtype)
+        return _keep_bits(keep, x)
     return jnp.where(keep, x, jnp.zeros_like(x))
 
 

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optaxclip as oc
+from optaxclip import _numerics as num
 
 NAMES = sorted(TRANSFORMS)
 
@@ -213,6 +214,34 @@ def test_grad_through_clipper_is_finite_at_zero_input(name):
 
     grads = jax.grad(loss, argnums=(0, 1))(zeros, zeros)
     chex.assert_tree_all_finite(grads)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_through_a_large_bfloat16_leaf_is_the_conversions(name, monkeypatch):
+    # A bfloat16 leaf of at least SMALL_LEAF entries leaves a transformation through bit
+    # operations (rounding, a select of bits: see _numerics.narrow), which have no
+    # derivative of their own; differentiated, they must be the conversion they stand for.
+    entry = TRANSFORMS[name]
+    rng = np.random.default_rng(0)
+    u = {"w": jnp.asarray(rng.standard_normal((128, 96)) * 3).astype(jnp.bfloat16)}
+    p = params_like(u)
+    weights = jnp.asarray(rng.standard_normal((128, 96)), jnp.float32)
+
+    def grad():
+        tx = entry.make()
+
+        def loss(u):
+            with jax.numpy_dtype_promotion("standard"):
+                out, _ = tx.update(u, tx.init(p), p if entry.needs_params else None)
+            return jnp.sum(out["w"].astype(jnp.float32) * weights)
+
+        return np.asarray(jax.grad(loss)(u)["w"].astype(jnp.float32))
+
+    by_bits = grad()
+    monkeypatch.setattr(num, "_by_bits", lambda x: False)
+    converted = grad()
+    np.testing.assert_array_equal(by_bits, converted)
+    assert np.any(converted != 0)
 
 
 @pytest.mark.parametrize("name", sorted(set(TRANSFORMS) - BATCHED))
