@@ -617,8 +617,12 @@ def offer_output(kind: str, leaves: Sequence[Any], settings: tuple, value: Any) 
     mine = weakref.ref(entry)
 
     def drop(_, entries=entries, mine=mine):
-        with contextlib.suppress(ValueError):
+        # No module globals here: at interpreter exit the callback can run after this
+        # module's globals are gone (``contextlib.suppress`` printed an AttributeError).
+        try:
             entries.remove(mine())
+        except ValueError:
+            pass
 
     try:
         entry.refs = [weakref.ref(x, drop) for x in leaves]

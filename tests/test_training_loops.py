@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import math
+import subprocess
+import sys
 
 import chex
 import jax
@@ -425,6 +427,20 @@ def test_handed_on_norms_do_not_outlive_their_arrays():
     jax.jit(tx.update)(g, state)
     gc.collect()
     assert [e for e in getattr(num._OUTPUTS, "entries", []) if e not in before] == []
+
+
+def test_a_script_that_ends_after_a_guard_exits_quietly():
+    # The arrays a guard's output norm is matched by are freed at interpreter exit, after
+    # the modules' globals; the weak-reference callback then printed "Exception ignored".
+    code = (
+        "import jax.numpy as jnp, optaxclip as oc\n"
+        "tx = oc.skip_nonfinite()\n"
+        "g = {'w': jnp.ones(3)}\n"
+        "out = tx.update(g, tx.init(g))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def count_top_level_sums(jaxpr, shapes) -> int:
