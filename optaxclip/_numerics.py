@@ -1359,7 +1359,10 @@ def own_read(x: jax.Array, tag: int = 0) -> jax.Array:
     return lax.optimization_barrier((x, jnp.int8(tag)))[0]
 
 
-def _bfloat16_bits(y: jax.Array, exact: bool) -> jax.Array:
+# Bit operations have no derivative: differentiated, the bit paths are the conversion and
+# the select they stand for (without these rules, gradients through them were zero).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _bfloat16_by_bits(y: jax.Array, exact: bool) -> jax.Array:
     """``y.astype(bfloat16)`` for float32 ``y`` (round to nearest, ties to even), from bits.
 
     The top 16 bits of a float32 are its bfloat16; adding ``0x7FFF`` plus the lowest kept
@@ -1376,13 +1379,6 @@ def _bfloat16_bits(y: jax.Array, exact: bool) -> jax.Array:
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         rounded = jnp.where(jnp.isnan(y), jnp.uint32(0x7FC0), rounded)
     return lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)
-
-
-# Bit operations have no derivative: differentiated, the bit paths are the conversion and
-# the select they stand for (without these rules, gradients through them were zero).
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _bfloat16_by_bits(y: jax.Array, exact: bool = False) -> jax.Array:
-    return _bfloat16_bits(y, exact)
 
 
 @_bfloat16_by_bits.defjvp
