@@ -74,14 +74,13 @@ from bench_clip import (
     compile_contender,
     inspect_compiled,
     load_average,
-    machine_info,
     markdown_table,
     max_relative_difference,
     random_tree,
     report_machine,
-    steady_allocator,
     summarize,
     time_round_robin,
+    timing_machine,
     transformer_shapes,
 )
 
@@ -510,11 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Compile times must be real compilations, not persistent-cache hits.
     jax.config.update("jax_enable_compilation_cache", False)
 
-    machine = {
-        **machine_info(),
-        "load_average_start": load_average(),
-        "steady_allocator": steady_allocator(),
-    }
+    machine = timing_machine()
     shapes = transformer_shapes(sizes.d_model, sizes.layers, sizes.vocab)
     grads = random_tree(shapes, jnp.float32, SEED)
     params = jax.tree.map(jnp.zeros_like, grads)

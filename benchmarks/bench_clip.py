@@ -641,6 +641,16 @@ def steady_allocator() -> bool:
     return no_mmap and no_trim
 
 
+def timing_machine() -> dict[str, Any]:
+    """:func:`machine_info` and the load average at start, for a timed benchmark, after
+    :func:`steady_allocator` (whether glibc took it is recorded)."""
+    return {
+        **machine_info(),
+        "load_average_start": load_average(),
+        "steady_allocator": steady_allocator(),
+    }
+
+
 def machine_info() -> dict[str, Any]:
     """Processor, core count, library versions and the JAX device."""
     device = jax.devices()[0]
@@ -944,11 +954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Compile times must be real compilations, not persistent-cache hits.
     jax.config.update("jax_enable_compilation_cache", False)
 
-    machine = {
-        **machine_info(),
-        "load_average_start": load_average(),
-        "steady_allocator": steady_allocator(),
-    }
+    machine = timing_machine()
     print("# optaxclip.clip_by_global_norm benchmark" + (" (--quick)" if args.quick else ""))
     print()
     print(report_machine(machine))
