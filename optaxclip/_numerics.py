@@ -473,10 +473,10 @@ class Reducer:
                     members.append(len(chunks))
                     chunks.append(x)
                 else:
-                    small.setdefault(x.dtype, []).append(jnp.ravel(x))
+                    small.setdefault(x.dtype, []).append(lax.reshape(x, (x.size,)))
             for flat in small.values():
                 members.append(len(chunks))
-                chunks.append(flat[0] if len(flat) == 1 else jnp.concatenate(flat))
+                chunks.append(flat[0] if len(flat) == 1 else lax.concatenate(flat, 0))
             groups.append((axes, members))
         return chunks, Reducer(groups)
 
@@ -709,12 +709,15 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
         # 2**down or 2**up (a loop, not a cond: under vmap a cond runs both branches).
         s = sums(None)
         bad = jnp.isinf(s) | (s < floor)
-        init = (jnp.where(bad, jnp.where(jnp.isinf(s), down, up), one), s, bad)
+        c = jnp.where(bad, jnp.where(jnp.isinf(s), down, up), one)
+        # The scalars before and after the loop are computed by one kernel each (the root
+        # is taken in the loop's body and in that kernel, not in a kernel of its own).
+        m, c, r, bad = one_kernel((1 / c, c, _finish(s, ord), bad))
         # The cleared flag keeps the flag's type (inside shard_map without axis_name, each
         # device's own flag: a literal False would not match the varying carry).
-        body = lambda st: (st[0], sums(st[0]), st[2] & False)
-        c, s, _ = lax.while_loop(lambda st: st[2], body, init)
-        return Norm(1 / c, _finish(s, ord))
+        body = lambda st: (st[0], _finish(sums(st[0]), ord), st[2] & False)
+        c, r, _ = lax.while_loop(lambda st: st[2], body, (c, r, bad))
+        return Norm(m, r)
 
     @pair.defjvp
     def pair_jvp(primals, tangents):
@@ -1234,9 +1237,12 @@ def materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
     XLA duplicates cheap scalar computations into each fusion that consumes them. For a
     factor or a predicate applied to every leaf, that copies the whole chain that made it
     into one kernel per leaf (compile time then grows as leaves x chain length: 40% of
-    the instructions of ``clip_by_global_norm`` at 100 leaves). A sort is never fused, so
-    passing the values through one (keyed on their index: the order is unchanged) computes
-    them once. Values of one dtype share one sort; booleans travel as int32.
+    the instructions of ``clip_by_global_norm`` at 100 leaves). Values of one dtype and
+    shape are stacked and passed through one reduction (:func:`_reduced`), which XLA never
+    fuses into the kernels that read its output, and into which it fuses the computation
+    that made them. (A sort keyed on the index, used before, is never fused either, but
+    the sort, its keys and the stacking were kernels of their own.) Complex values still
+    go through a sort (:func:`_through_sort`).
     """
     out: list[Any] = list(xs)
     groups: dict[Any, list[int]] = {}
@@ -1246,7 +1252,7 @@ def materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
         values = jnp.stack([jnp.asarray(xs[i]).astype(dtype) for i in idx])
         if _explicitly_sharded(values):
             continue
-        (values,) = _through_sort([values])
+        (values,) = _reduced((values,)) if _fusible([values]) else _through_sort([values])
         for j, i in enumerate(idx):
             out[i] = values[j]
     return tuple(out)
@@ -1300,6 +1306,84 @@ def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) 
             base, window = start, vectors
         out.append(tuple(v[base : base + count] for v in window))
     return out
+
+
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+# The bits that stand for "no value" in _reduced, per width (a NaN in float16, float32 and
+# float64). Any pattern would do (see _keep_value); a rare one spares the select's work.
+_MARK = {2: 0x7E5A, 4: 0x7FC5A5A5, 8: 0x7FF8A5A5A5A5A5A5}
+
+
+def _mark(dtype: np.dtype) -> np.ndarray:
+    """The mark of :func:`_reduced` in ``dtype``, a numpy scalar (a constant when traced)."""
+    if dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer):
+        return np.zeros((), dtype)
+    return np.asarray(_MARK[dtype.itemsize], _UNSIGNED[dtype.itemsize]).view(dtype)
+
+
+def _keep_value(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The combiner of :func:`_reduced`: ``b`` unless it is the mark, then ``a``. Whatever
+    the order, ``[v, mark]`` from ``mark`` reduces to ``v``'s bits (a ``v`` with the mark's
+    bits gives the same bits); no arithmetic, so nothing is flushed or canonicalised."""
+    if a.dtype == np.bool_ or jnp.issubdtype(a.dtype, jnp.integer):
+        return lax.bitwise_or(a, b)
+    unsigned = _UNSIGNED[a.dtype.itemsize]
+    is_mark = lax.bitcast_convert_type(b, unsigned) == np.asarray(_MARK[a.dtype.itemsize], unsigned)
+    return lax.select(is_mark, a, b)
+
+
+def _keep_values(u: tuple, v: tuple) -> tuple:
+    # One function for every call: lax.reduce caches the traced combiner by its identity.
+    return tuple(_keep_value(a, b) for a, b in zip(u, v))
+
+
+@jax.custom_jvp
+def _reduced(arrays: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """``arrays`` (one shape; real, integer or boolean) unchanged, bit for bit (but for the
+    payload of a bfloat16 NaN: XLA computes bfloat16 selects in float32): the outputs of
+    one variadic reduction over two rows, the values and a mark (:func:`_keep_value`).
+    Differentiated, the identity."""
+    if not arrays:
+        return arrays
+    inits = [_mark(a.dtype) for a in arrays]
+    rows = [
+        lax.concatenate([lax.broadcast(a, (1,)), lax.broadcast(m, (1, *a.shape))], 0)
+        for a, m in zip(arrays, inits)
+    ]
+    return tuple(lax.reduce(rows, inits, _keep_values, (0,)))
+
+
+@_reduced.defjvp
+def _reduced_jvp(primals, tangents):
+    return _reduced(primals[0]), tangents[0]
+
+
+def _fusible(xs: Sequence[jax.Array]) -> bool:
+    """Whether :func:`_reduced` can carry ``xs``: real, integer or boolean, without a
+    sharding in their type (a reduction's operands share one)."""
+    return all(
+        not jnp.iscomplexobj(x) and not _explicitly_sharded(x) and x.dtype.itemsize in _UNSIGNED
+        for x in xs
+    )
+
+
+def one_kernel(tree: Any) -> Any:
+    """``tree`` (a pytree of scalars) unchanged, bit for bit, computed by one kernel.
+
+    XLA (CPU) compiles each scalar computation that several kernels or outputs read into a
+    kernel of its own, about 5 ms each. Here the scalars are the outputs of one variadic
+    reduction that passes their bits through (:func:`_reduced`): XLA fuses everything
+    that computes them into that reduction. Eight chains of a square root and a division
+    compiled in 25 ms this way, 60 ms as separate kernels; the statistics of
+    ``chain(clip_by_global_norm, adam)`` over 99 leaves took 7 kernels fewer.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    xs = [jnp.asarray(x) for x in leaves]
+    if not xs or any(x.ndim for x in xs) or not _fusible(xs):
+        return tree
+    return jax.tree.unflatten(treedef, list(_reduced(tuple(xs))))
 
 
 def global_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -1423,6 +1507,8 @@ def narrow(y: jax.Array, dtype: Any, *, exact: bool = False) -> jax.Array:
     clamp or a select of them), which then only lose their low bits.
     """
     dtype = np.dtype(dtype)
+    if y.dtype == dtype:
+        return y
     if y.dtype == np.float32 and dtype == jnp.bfloat16 and _by_bits(y):
         return _bfloat16_by_bits(y, exact)
     return y.astype(dtype)
@@ -1444,7 +1530,9 @@ def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
         wide = x.astype(np.complex128 if p.dtype == np.float64 else np.complex64)
         return (wide * p.astype(wide.dtype) * q.astype(wide.dtype)).astype(x.dtype)
     wide = np.float64 if np.float64 in (x.dtype, p.dtype) else np.float32
-    return narrow(x.astype(wide) * p.astype(wide) * q.astype(wide), x.dtype)
+    # lax, not jnp: a jnp operation is a jit of its own, whose tracing cost is paid per leaf.
+    to = lambda v: v if v.dtype == wide else lax.convert_element_type(v, wide)
+    return narrow(lax.mul(lax.mul(to(x), to(p)), to(q)), x.dtype)
 
 
 # ---------------------------------------------------------------------------

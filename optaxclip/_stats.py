@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optaxclip._numerics import one_kernel
 from optaxclip._tree import leaves_with_paths
 
 
@@ -58,10 +59,11 @@ def next_stats(
     any_clipped: jax.Array,
     nonfinite: jax.Array,
 ) -> ClipStats:
-    """The stats after one more step (casts everything to the fixed dtypes)."""
+    """The stats after one more step (casts everything to the fixed dtypes), computed by one
+    kernel (:func:`optaxclip._numerics.one_kernel`)."""
     f32 = lambda v: jnp.asarray(v).astype(np.float32)
     i32 = lambda v: jnp.asarray(v).astype(np.int32)
-    return ClipStats(
+    stats = ClipStats(
         norm=f32(norm),
         threshold=f32(threshold),
         scale=f32(scale),
@@ -70,6 +72,7 @@ def next_stats(
         num_clipped=prev.num_clipped + i32(any_clipped),
         num_nonfinite=prev.num_nonfinite + i32(nonfinite),
     )
+    return one_kernel(stats)
 
 
 def empty_step(prev: ClipStats, threshold: Any) -> ClipStats:

@@ -103,3 +103,22 @@ def while_body_sizes(text: str) -> list[int]:
     """The number of instructions in the body of each while loop of the compiled HLO."""
     bodies = set(re.findall(r" while\(.*body=%([\w.\-]+)", text))
     return [n for name, n in _computation_sizes(text).items() if name in bodies]
+
+
+def scalar_kernels(text: str) -> list[str]:
+    """The fusions of the entry computation that compute scalars (one, or a tuple of them)
+    from scalars only: kernels of their own for what could be a few instructions."""
+    entry = text[text.index("\nENTRY") :]
+    scalar: dict[str, bool] = {}
+    out = []
+    for line in entry.splitlines():
+        inst = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = (.*?) (\w[\w\-]*)\(", line)
+        if not inst:
+            continue
+        types = re.findall(r"\w+\[[\d,]*\]", re.sub(r"/\*.*?\*/", "", inst.group(2)))
+        scalar[inst.group(1)] = bool(types) and all(t.endswith("[]") for t in types)
+        if inst.group(3) == "fusion" and scalar[inst.group(1)]:
+            args = line.split(" fusion(", 1)[1].split(")", 1)[0]
+            if all(scalar.get(a, False) for a in re.findall(r"%([\w.\-]+)", args)):
+                out.append(inst.group(1))
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import hlo
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -343,3 +344,115 @@ def test_keep_or_zero_keeps_bits_and_writes_positive_zeros(dtype, copies):
     np.testing.assert_array_equal(bits(got[:, :5]), bits(np.asarray(x).reshape(copies, 6)[:, :5]))
     assert (got[:, 5] == 0).all() and not np.signbit(got[:, 5].astype(np.float32)).any()
     assert got.dtype == dtype
+
+
+def _scalar_patterns(dtype):
+    """Scalars whose bits a pass-through must keep: signed zeros, a subnormal (which an
+    addition would flush on CPU), infinities, NaNs with payloads, ordinary values."""
+    dtype = np.dtype(dtype)
+    u = f"u{dtype.itemsize}"
+    largest = float(jnp.finfo(dtype).max)
+    values = np.array([0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, largest], dtype)
+    smallest_subnormal = np.array(1, u).view(dtype)
+    top = 1 << (8 * dtype.itemsize - 1)  # the sign bit
+    exponent = int(np.array(np.inf, dtype).view(u))
+    nans = np.array([exponent | 1, exponent | 5, top | exponent | 3], u).view(dtype)
+    return np.concatenate([values, [smallest_subnormal, -smallest_subnormal], nans])
+
+
+def _nan_and_sign(a):
+    """Which entries of float array ``a`` are NaN and which have the sign bit, read from the
+    bits (a cast would signal on the signalling NaNs)."""
+    u = np.dtype(f"u{a.dtype.itemsize}")
+    bits = a.view(u).astype(np.uint64)
+    top = np.uint64(1 << (8 * a.dtype.itemsize - 1))
+    inf = np.uint64(np.array(np.inf, a.dtype).view(u))
+    return (bits & ~top) > inf, (bits & top) != 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_one_kernel_keeps_every_scalar_bit_for_bit(dtype):
+    context = enable_x64() if dtype == "float64" else contextlib.nullcontext()
+    with context:
+        dtype = jnp.dtype(dtype)
+        patterns = _scalar_patterns(dtype)
+        ints = np.array([0, -1, 7, np.iinfo(np.int32).min], np.int32)
+        bools = np.array([True, False])
+        fn = jax.jit(lambda f, i, b: num.one_kernel({"f": list(f), "i": tuple(i), "b": [*b]}))
+        out = fn(jnp.asarray(patterns), jnp.asarray(ints), jnp.asarray(bools))
+        got = np.array([np.asarray(v) for v in out["f"]], dtype)
+        u = f"u{dtype.itemsize}"
+        nan, sign = _nan_and_sign(patterns)
+        # XLA computes bfloat16 selects in float32: a NaN stays a NaN of its sign, its
+        # payload may change. Every other value, and every other dtype, bit for bit.
+        exact = ~nan if dtype == jnp.bfloat16 else np.ones_like(nan)
+        np.testing.assert_array_equal(got.view(u)[exact], patterns.view(u)[exact])
+        np.testing.assert_array_equal(_nan_and_sign(got)[0], nan)
+        np.testing.assert_array_equal(_nan_and_sign(got)[1], sign)
+        assert [int(v) for v in out["i"]] == ints.tolist()
+        assert [bool(v) for v in out["b"]] == bools.tolist()
+        assert all(v.dtype == dtype for v in out["f"]) and out["i"][0].dtype == np.int32
+
+
+def test_one_kernel_is_one_kernel():
+    # Eight scalar chains (a root and a division each) that several outputs read: as
+    # separate kernels, one each; through one_kernel, one fused reduction in all.
+    def chains(s):
+        return [jnp.sqrt(s + i) / (s * i + 1) for i in range(8)]
+
+    def kernels(fn):
+        text = jax.jit(fn).lower(jnp.float32(2.0)).compile().as_text()
+        entry = text[text.index("\nENTRY") :].split("\n}\n")[0]
+        return entry.count(" fusion(")
+
+    assert kernels(lambda s: num.one_kernel(chains(s))) == 1
+    assert kernels(chains) > 1  # the reference: XLA splits them without one_kernel
+    np.testing.assert_array_equal(
+        jax.jit(lambda s: num.one_kernel(chains(s)))(jnp.float32(2.0)),
+        jax.jit(chains)(jnp.float32(2.0)),
+    )
+
+
+def test_one_kernel_differentiates_and_batches_as_the_identity():
+    f = lambda s: num.one_kernel((s * s, s > 0, (s * 3).astype(jnp.int32)))
+    assert jax.grad(lambda s: f(s)[0])(3.0) == 6.0
+    _, tangent = jax.jvp(lambda s: f(s)[0], (2.0,), (1.0,))
+    assert tangent == 4.0
+    batched = jax.vmap(f)(jnp.array([-1.0, 0.5, 2.0]))
+    np.testing.assert_array_equal(batched[0], [1.0, 0.25, 4.0])
+    np.testing.assert_array_equal(batched[1], [False, True, True])
+    np.testing.assert_array_equal(batched[2], [-3, 1, 6])
+    # Arrays (not scalars) and complex values are returned as they are.
+    x = jnp.arange(3.0)
+    assert num.one_kernel((x,))[0] is x
+    z = jnp.complex64(1 + 2j)
+    assert num.one_kernel((z,))[0] is z
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_materialize_keeps_vectors_and_predicates_bit_for_bit(dtype):
+    patterns = jnp.asarray(_scalar_patterns(dtype))
+    flags = jnp.asarray(np.arange(patterns.size) % 3 == 0)
+
+    def fn(v, b):
+        return num.materialize(v, v[::-1], b)
+
+    a, r, b = jax.jit(fn)(patterns, flags)
+    u = f"u{np.dtype(dtype).itemsize}"
+    finite = ~_nan_and_sign(np.asarray(patterns))[0]
+    keep = finite if dtype == "bfloat16" else np.ones_like(finite)
+    np.testing.assert_array_equal(np.asarray(a).view(u)[keep], np.asarray(patterns).view(u)[keep])
+    np.testing.assert_array_equal(_nan_and_sign(np.asarray(r))[0], ~finite[::-1])
+    np.testing.assert_array_equal(b, flags)
+    assert jax.grad(lambda s: num.materialize(s * 2)[0])(1.0) == 2.0
+
+
+def test_clip_by_global_norm_computes_its_scalars_in_two_kernels():
+    # Everything between the partial sums and the scaling is a few scalar operations. As
+    # kernels of their own, each cost about 5 ms of compile time: clip_by_global_norm's
+    # step had 9 (the rescue decision, the root, the factors, each statistic). With
+    # one_kernel: one before the rescue loop, one for the statistics.
+    tree = {"w": jnp.ones((64, 32)), "b": jnp.ones((32,)), "e": jnp.ones((128, 80))}
+    tx = oc.clip_by_global_norm(1.0)
+    text = jax.jit(tx.update).lower(tree, tx.init(tree)).compile().as_text()
+    assert len(hlo.scalar_kernels(text)) <= 2, hlo.scalar_kernels(text)
