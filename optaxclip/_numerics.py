@@ -694,9 +694,12 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
         def sums(c):
             if c is None:
                 return red.sum([jnp.sum(_magnitude(x, ord, dtype)) for x in chunks])
-            # A copy of c per chunk: XLA (CPU) would otherwise broadcast c once per shape and
-            # keep the broadcast in memory, feeding the kernels of every leaf of that shape.
-            cs = separate([c] * len(chunks), c * 0)
+            # A copy of c per chunk where chunks share a shape: XLA (CPU) would otherwise
+            # broadcast c once per shape and keep the broadcast in memory, feeding the kernels
+            # of every leaf of that shape. (Without such chunks, the copies were a kernel.)
+            shapes = [x.shape for x in chunks]
+            shared = len(set(shapes)) < len(shapes)
+            cs = separate([c] * len(chunks), c * 0) if shared else [c] * len(chunks)
             parts = [
                 jnp.sum(_magnitude(_times(x, ci, dtype), ord, dtype)) for x, ci in zip(chunks, cs)
             ]
