@@ -73,6 +73,11 @@ def largest_fusion(text: str) -> int:
     return max([n for name, n in _computation_sizes(text).items() if name in called] + [0])
 
 
+def _fusion_args(line: str) -> list[str]:
+    """The operand names of the fusion instruction on ``line``."""
+    return re.findall(r"%([\w.\-]+)", line.split(" fusion(", 1)[1].split(")", 1)[0])
+
+
 def entry_fusion_operands(text: str, shape: str) -> list[list[int]]:
     """For each fusion of the entry computation whose result has ``shape`` (e.g.
     ``"f32[8]"``), the element counts of its operands."""
@@ -85,8 +90,7 @@ def entry_fusion_operands(text: str, shape: str) -> list[list[int]]:
             continue
         sizes[inst.group(1)] = _size(inst.group(2))
         if inst.group(2) == shape and " fusion(" in line:
-            args = line.split(" fusion(", 1)[1].split(")", 1)[0]
-            out.append([sizes.get(a, -1) for a in re.findall(r"%([\w.\-]+)", args)])
+            out.append([sizes.get(a, -1) for a in _fusion_args(line)])
     return out
 
 
@@ -118,7 +122,6 @@ def scalar_kernels(text: str) -> list[str]:
         types = re.findall(r"\w+\[[\d,]*\]", re.sub(r"/\*.*?\*/", "", inst.group(2)))
         scalar[inst.group(1)] = bool(types) and all(t.endswith("[]") for t in types)
         if inst.group(3) == "fusion" and scalar[inst.group(1)]:
-            args = line.split(" fusion(", 1)[1].split(")", 1)[0]
-            if all(scalar.get(a, False) for a in re.findall(r"%([\w.\-]+)", args)):
+            if all(scalar.get(a, False) for a in _fusion_args(line)):
                 out.append(inst.group(1))
     return out
