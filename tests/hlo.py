@@ -73,24 +73,27 @@ def largest_fusion(text: str) -> int:
     return max([n for name, n in _computation_sizes(text).items() if name in called] + [0])
 
 
-def _fusion_args(line: str) -> list[str]:
-    """The operand names of the fusion instruction on ``line``."""
-    return re.findall(r"%([\w.\-]+)", line.split(" fusion(", 1)[1].split(")", 1)[0])
+def _entry_instructions(text: str):
+    """``(name, result shapes, opcode, operand names)`` for each instruction of the entry
+    computation; a tuple result gives several shapes (layouts and comments left out)."""
+    entry = text[text.index("\nENTRY") :]
+    for line in entry.splitlines():
+        inst = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = (.*?) (\w[\w\-]*)\(", line)
+        if inst:
+            shapes = re.findall(r"\w+\[[\d,]*\]", re.sub(r"/\*.*?\*/", "", inst.group(2)))
+            operands = re.findall(r"%([\w.\-]+)", line[inst.end() :].split(")", 1)[0])
+            yield inst.group(1), shapes, inst.group(3), operands
 
 
 def entry_fusion_operands(text: str, shape: str) -> list[list[int]]:
     """For each fusion of the entry computation whose result has ``shape`` (e.g.
     ``"f32[8]"``), the element counts of its operands."""
-    entry = text[text.index("\nENTRY") :]
     sizes: dict[str, int] = {}
     out = []
-    for line in entry.splitlines():
-        inst = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = (\w+\[[\d,]*\])", line)
-        if not inst:
-            continue
-        sizes[inst.group(1)] = _size(inst.group(2))
-        if inst.group(2) == shape and " fusion(" in line:
-            out.append([sizes.get(a, -1) for a in _fusion_args(line)])
+    for name, shapes, opcode, operands in _entry_instructions(text):
+        sizes[name] = _size(shapes[0]) if len(shapes) == 1 else -1
+        if opcode == "fusion" and shapes == [shape]:
+            out.append([sizes.get(a, -1) for a in operands])
     return out
 
 
@@ -112,16 +115,10 @@ def while_body_sizes(text: str) -> list[int]:
 def scalar_kernels(text: str) -> list[str]:
     """The fusions of the entry computation that compute scalars (one, or a tuple of them)
     from scalars only: kernels of their own for what could be a few instructions."""
-    entry = text[text.index("\nENTRY") :]
     scalar: dict[str, bool] = {}
     out = []
-    for line in entry.splitlines():
-        inst = re.match(r"^\s+(?:ROOT )?%([\w.\-]+) = (.*?) (\w[\w\-]*)\(", line)
-        if not inst:
-            continue
-        types = re.findall(r"\w+\[[\d,]*\]", re.sub(r"/\*.*?\*/", "", inst.group(2)))
-        scalar[inst.group(1)] = bool(types) and all(t.endswith("[]") for t in types)
-        if inst.group(3) == "fusion" and scalar[inst.group(1)]:
-            if all(scalar.get(a, False) for a in _fusion_args(line)):
-                out.append(inst.group(1))
+    for name, shapes, opcode, operands in _entry_instructions(text):
+        scalar[name] = bool(shapes) and all(t.endswith("[]") for t in shapes)
+        if opcode == "fusion" and scalar[name] and all(scalar.get(a, False) for a in operands):
+            out.append(name)
     return out
