@@ -1319,9 +1319,14 @@ _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _MARK = {2: 0x7E5A, 4: 0x7FC5A5A5, 8: 0x7FF8A5A5A5A5A5A5}
 
 
+def _bitwise(dtype: np.dtype) -> bool:
+    """Booleans and integers, which :func:`_reduced` combines by a bitwise or with 0."""
+    return dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer)
+
+
 def _mark(dtype: np.dtype) -> np.ndarray:
     """The mark of :func:`_reduced` in ``dtype``, a numpy scalar (a constant when traced)."""
-    if dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer):
+    if _bitwise(dtype):
         return np.zeros((), dtype)
     return np.asarray(_MARK[dtype.itemsize], _UNSIGNED[dtype.itemsize]).view(dtype)
 
@@ -1330,10 +1335,10 @@ def _keep_value(a: jax.Array, b: jax.Array) -> jax.Array:
     """The combiner of :func:`_reduced`: ``b`` unless it is the mark, then ``a``. Whatever
     the order, ``[v, mark]`` from ``mark`` reduces to ``v``'s bits (a ``v`` with the mark's
     bits gives the same bits); no arithmetic, so nothing is flushed or canonicalised."""
-    if a.dtype == np.bool_ or jnp.issubdtype(a.dtype, jnp.integer):
+    if _bitwise(a.dtype):
         return lax.bitwise_or(a, b)
     unsigned = _UNSIGNED[a.dtype.itemsize]
-    is_mark = lax.bitcast_convert_type(b, unsigned) == np.asarray(_MARK[a.dtype.itemsize], unsigned)
+    is_mark = lax.bitcast_convert_type(b, unsigned) == _mark(a.dtype).view(unsigned)
     return lax.select(is_mark, a, b)
 
 
