@@ -1395,10 +1395,17 @@ def one_kernel(tree: Any) -> Any:
 
 
 def global_factors(norm: Norm, limit: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`clip_factors` for a factor shared by many leaves (computed once: see
-    :func:`materialize`)."""
+    """:func:`clip_factors` for factors shared by many leaves, each computed once.
+
+    ``p`` and ``q`` are the two outputs of one kernel (:func:`_reduced`), so each leaf's
+    kernel reads two scalars. As two entries of one vector (:func:`materialize`), every
+    kernel that scales a leaf also sliced them out of it: ``chain(clip_by_global_norm,
+    adam)`` compiled in 1.43x ``adam``'s time at 999 leaves, against 1.35x with the two
+    scalars (1.28x against 1.21x at 99 leaves; paired medians of 4 and 40 rounds). See
+    :func:`scale_leaf` for the order in which they are applied.
+    """
     p, q, clipped = clip_factors(norm, limit)
-    p, q = materialize(p, q)
+    p, q = _reduced((p, q)) if _fusible([p, q]) else materialize(p, q)
     return p, q, clipped
 
 
@@ -1532,7 +1539,14 @@ def keep_or_zero(keep: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
-    """``x * p * q`` computed in float32 (float64) and cast back to ``x``'s dtype."""
+    """``x * p * q`` computed in float32 (float64) and cast back to ``x``'s dtype.
+
+    Written ``q * (p * x)`` (the same values: a product does not depend on the order of
+    its operands). XLA (CPU) shares one broadcast of a scalar among the leaves of one
+    shape; fused as ``(x * p) * q``, the kernel of one leaf per shape took its operands in
+    another order than the others, so it could not share their compiled code (at 99
+    leaves, 48 distinct kernels against 34).
+    """
     x = own_read(x)
     if jnp.iscomplexobj(x):
         wide = x.astype(np.complex128 if p.dtype == np.float64 else np.complex64)
@@ -1540,7 +1554,7 @@ def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
     wide = np.float64 if np.float64 in (x.dtype, p.dtype) else np.float32
     # lax, not jnp: a jnp operation is a jit of its own, whose tracing cost is paid per leaf.
     to = lambda v: v if v.dtype == wide else lax.convert_element_type(v, wide)
-    return narrow(lax.mul(lax.mul(to(x), to(p)), to(q)), x.dtype)
+    return narrow(lax.mul(to(q), lax.mul(to(p), to(x))), x.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -97,13 +97,18 @@ def entry_fusion_operands(text: str, shape: str) -> list[list[int]]:
     return out
 
 
+def _fusions_of_shape(text: str, shape: str) -> list[str]:
+    """The fused computations called by the entry computation's fusions with result
+    ``shape``, one per fusion."""
+    entry = text[text.index("\nENTRY") :]
+    return re.findall(rf"= {re.escape(shape)}\{{[\d,]*\}} fusion\(.*calls=%([\w.\-]+)", entry)
+
+
 def entry_fusion_sizes(text: str, shape: str) -> list[int]:
     """For each fusion of the entry computation whose result has ``shape``, the number of
     instructions in its fused computation (what the kernel computes per entry)."""
-    entry = text[text.index("\nENTRY") :]
-    called = re.findall(rf"= {re.escape(shape)}\{{[\d,]*\}} fusion\(.*calls=%([\w.\-]+)", entry)
     sizes = _computation_sizes(text)
-    return [sizes[name] for name in called]
+    return [sizes[name] for name in _fusions_of_shape(text, shape)]
 
 
 def while_body_sizes(text: str) -> list[int]:
@@ -122,3 +127,16 @@ def scalar_kernels(text: str) -> list[str]:
         if opcode == "fusion" and scalar[name] and all(scalar.get(a, False) for a in operands):
             out.append(name)
     return out
+
+
+def distinct_kernels(text: str, shape: str) -> int:
+    """How many different fused computations the entry computation's fusions with result
+    ``shape`` call, up to the names of instructions and computations: the kernels XLA has
+    to compile for that shape, when it compiles identical ones once."""
+    called = set(_fusions_of_shape(text, shape))
+    bodies = set()
+    for comp in re.findall(r"\n%([\w.\-]+ \(.*?\n\})", text, re.S):
+        if comp.split(" ", 1)[0] in called:
+            body = re.sub(r", metadata=\{[^}]*\}", "", comp.split(" ", 1)[1])
+            bodies.add(re.sub(r"%?[\w\-]+\.\d+", "x", body))
+    return len(bodies)
