@@ -11,10 +11,10 @@ Three sections:
 * ``compile``: trace+lower and XLA compile time of the jitted update of ``optax.adam(1e-3)``,
   ``chain(oc.clip_by_global_norm(1.0), adam)`` and ``chain(optax.clip_by_global_norm(1.0),
   adam)`` on transformer-like trees of about 100, 1,000 and 5,000 leaves (12 leaves per
-  layer of d=32, plus embedding and final norm). Each round compiles Adam and our chain in a
-  shuffled order; the ratio is the median of the rounds' ratios (9 rounds at 100 leaves, 3 at
-  1,000, 1 at 5,000; the reference programs in the first round only, where Adam
-  comes last). Each
+  layer of d=32, plus embedding and final norm). Each round compiles Adam and our chain;
+  the ratio is the median of the rounds' ratios (9 rounds at 100 leaves, 3 at 1,000, 1 at
+  5,000). The first round compiles the reference programs (only there), then our chain,
+  then Adam; later rounds shuffle the two. Each
   compilation starts from fresh transformations (nothing is cached; the persistent cache is
   off). optax's chain is skipped at 5,000 leaves: it takes about 17 minutes there. A
   reference program, ``chain(x * runtime scalar, adam)``, multiplies every leaf by a scalar
@@ -141,11 +141,12 @@ def compile_once(
 def bench_compile(quick: bool) -> dict[str, Any]:
     """Compile times; the ratio to Adam is the median of paired rounds.
 
-    Each round compiles Adam and our chain in a shuffled order, and each round's ratio
-    divides one by the other: the compile time of one program on this VM moved by up to
-    20% from one round to the next, and the two programs of a round move together (paired
-    ratios of 5 rounds at 999 leaves spread over 1.25-1.38x, single ratios up to 1.56x).
-    The reference programs are compiled in the first round only, ahead of the others.
+    Each round compiles Adam and our chain, and each round's ratio divides one by the
+    other: the compile time of one program on this VM moved by up to 20% from one round to
+    the next, and the two programs of a round move together (paired ratios of 5 rounds at
+    999 leaves spread over 1.25-1.38x, single ratios up to 1.56x). The first round compiles
+    the reference programs (only there), then our chain, then Adam; later rounds compile
+    the two in a shuffled order.
     """
     out: dict[str, Any] = {}
     rng = np.random.default_rng(SEED)
