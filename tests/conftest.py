@@ -1,4 +1,7 @@
-"""Test configuration: strict dtype promotion, warnings as errors (see pyproject), fixtures."""
+"""Test configuration: strict dtype promotion, warnings as errors (see pyproject), fixtures,
+and one compilation cache per test session."""
+
+import os
 
 import jax
 import pytest
@@ -6,6 +9,28 @@ import pytest
 # A script run in a subprocess with 8 simulated devices (test_distributed.py); importing it
 # here (doctest collection) would configure this process's JAX instead.
 collect_ignore = ["dist_worker.py", "dist_methods_worker.py"]
+
+
+@pytest.hookimpl(trylast=True)  # after the tmpdir plugin has configured the base temp
+def pytest_configure(config):
+    """Every program compiled in this session is compiled once, whichever test asks.
+
+    Many tests compile the same program (a transform on the same small tree, in several
+    test functions, on either xdist worker); compiling dominates the suite's time on CPU.
+    JAX's persistent compilation cache, in a fresh directory of this session's base temp
+    (shared by the xdist workers), serves the second and later requests: the same
+    executable XLA would build again, keyed on the program and the compile options. Only
+    this process's compilations use it: subprocesses (examples, notebooks, benchmarks,
+    simulated devices) compile their own, and the benchmarks turn caching off. A cache
+    file read while another worker writes it is an error JAX warns of and recompiles
+    (pyproject's filterwarnings shows it rather than failing the test).
+    """
+    root = config._tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base temps are subdirectories of the session's
+    jax.config.update("jax_compilation_cache_dir", str(root / "jax-compilation-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(autouse=True)

@@ -50,7 +50,9 @@ def results(tmp_path_factory) -> dict:
 
 def _run_workers(directory) -> dict:
     del directory
-    modes = [["partition_specs", "axis_name", "collectives"], ["pmap", *GSPMD_MODES]]
+    # Grouped by tree, so that each process computes each method's unsharded reference once:
+    # SHAPES (partition_specs, GSPMD) and SHAPES_ALL (axis_name, pmap).
+    modes = [["partition_specs", *GSPMD_MODES], ["axis_name", "pmap", "collectives"]]
     return run_json_workers(WORKER, modes)
 
 
