@@ -20,13 +20,13 @@ Three sections:
   reference program, ``chain(x * runtime scalar, adam)``, multiplies every leaf by a scalar
   held in the state before Adam: the compile time any clipper adds by scaling alone, with
   no norm (at 100 and 1,000 leaves).
-* ``memory``: one fresh process per program runs 20 jitted training steps (update, then
-  ``optax.apply_updates``) on bench_clip.py's 25M-parameter tree with the parameters and
-  optimizer state donated. Reported: the peak resident memory of the steps (``VmHWM``,
-  reset after compilation and one warm-up step, once the heap the compiler freed is handed
-  back to the OS with glibc's ``malloc_trim``: otherwise the figure counts how much the
-  compiler happened to leave behind), the peak of the whole process, and XLA's memory
-  analysis of the step (temp buffer bytes).
+* ``memory``: one fresh process per program (the three at once) runs 20 jitted training
+  steps (update, then ``optax.apply_updates``) on bench_clip.py's 25M-parameter tree with
+  the parameters and optimizer state donated. Reported: the peak resident memory of the
+  steps (``VmHWM``, reset after compilation and one warm-up step, once the heap the compiler
+  freed is handed back to the OS with glibc's ``malloc_trim``: otherwise the figure counts
+  how much the compiler happened to leave behind), the peak of the whole process, and XLA's
+  memory analysis of the step (temp buffer bytes).
 * ``dispatch``: for each transformation, ``chain(it, adam)`` runs 100 steps in a Python loop
   without blocking, under ``jax.transfer_guard("disallow")`` (a device-to-host transfer
   would raise); reported: the time to dispatch the 100 steps, the time until the last one
@@ -56,8 +56,10 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_clip import (
+    Contender,
     _bytes,
     check_out_path,
+    compile_contenders,
     load_average,
     machine_info,
     markdown_table,
@@ -290,13 +292,23 @@ def memory_worker(name: str, quick: bool) -> dict[str, Any]:
 
 
 def bench_memory(quick: bool) -> dict[str, Any]:
+    # The three processes run at once: each measures its own peak (VmHWM), which the
+    # others' work does not change (each holds about 1.5 GB at most).
     out: dict[str, Any] = {}
-    for name in ("adam", OURS, OPTAX_CHAIN):
-        cmd = [sys.executable, __file__, "--memory-worker", name] + (["--quick"] if quick else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, __file__, "--memory-worker", name] + (["--quick"] if quick else []),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("adam", OURS, OPTAX_CHAIN)
+    }
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"memory worker for {name} failed:\n{proc.stderr[-3000:]}")
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            raise RuntimeError(f"memory worker for {name} failed:\n{stderr[-3000:]}")
+        out[name] = json.loads(stdout.strip().splitlines()[-1])
         peak = out[name]["steps_peak_rss_bytes"]
         print(f"  {name}: peak RSS of the steps {_bytes(peak or 0)}")
     base = out["adam"]
@@ -365,6 +377,9 @@ def bench_dispatch(quick: bool) -> dict[str, Any]:
             if not quick or k in DISPATCH_QUICK
         }
     )
+    # Compiled first, two at a time (see bench_clip.compile_contenders); then each loop
+    # runs alone.
+    contenders = []
     for name, make in programs.items():
         tx = make()
 
@@ -373,9 +388,10 @@ def bench_dispatch(quick: bool) -> dict[str, Any]:
             return optax.apply_updates(params, updates), state
 
         params = jax.tree.map(jnp.zeros_like, grads)
-        state = tx.init(params)
-        fn = jax.jit(step, donate_argnums=(0, 1))
-        params, state = jax.block_until_ready(fn(params, state, grads))  # compile, warm up
+        contenders.append(Contender(name, step, (params, tx.init(params), grads)))
+    for c in compile_contenders(contenders, donate=(0, 1)):
+        name, fn, (params, state, _) = c.contender.name, c.executable, c.contender.args
+        params, state = jax.block_until_ready(fn(params, state, grads))  # warm up
         with jax.transfer_guard("disallow"):
             t0 = time.perf_counter()
             for _ in range(DISPATCH_STEPS):
