@@ -25,7 +25,10 @@ def pytest_configure(config):
     file read while another worker writes it is an error JAX warns of and recompiles
     (pyproject's filterwarnings shows it rather than failing the test).
     """
-    root = config._tmp_path_factory.getbasetemp()
+    factory = getattr(config, "_tmp_path_factory", None)  # None with -p no:tmpdir
+    if factory is None:
+        return
+    root = factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the workers' base temps are subdirectories of the session's
     jax.config.update("jax_compilation_cache_dir", str(root / "jax-compilation-cache"))
