@@ -16,12 +16,11 @@ Three gradient trees are measured:
 
 Gradients are standard normal, so a threshold of 1.0 always clips. Each contender is
 ``jax.jit``-compiled once (tracing+lowering and XLA compilation are timed separately, with
-the persistent compilation cache off; two XLA compilations run at once, so these times
-are not the compile-time benchmark's, see bench_perf.py), warmed up, then timed
-round-robin with the other
-contenders of its tree (so drift in the machine's state hits all of them alike), blocking
-on every output. Nothing is donated; the optimizer state and params are arguments, never
-closed-over constants. The floors are the cheapest programs that touch every gradient
+the persistent compilation cache off; two XLA compilations run at once, so these times are
+not the compile-time benchmark's, see bench_perf.py), warmed up, then timed round-robin with
+the other contenders of its tree (so drift in the machine's state hits all of them alike),
+blocking on every output. Nothing is donated; the optimizer state and params are arguments,
+never closed-over constants. The floors are the cheapest programs that touch every gradient
 byte: one read (a float32 sum of squares of every leaf) and one read plus one write
 (``x * s`` with a runtime scalar ``s``).
 
@@ -355,7 +354,10 @@ def compile_contenders(
         for future in futures:
             c = future.result()
             name, lower_s, compile_s = label(c.contender.name), c.lower_s, c.compile_s
-            print(f"  compiled {name}: trace+lower {lower_s:.2f} s, compile {compile_s:.2f} s")
+            print(
+                f"  compiled {name}: trace+lower {lower_s:.2f} s, compile {compile_s:.2f} s",
+                flush=True,
+            )
             compiled.append(c)
     return compiled
 

@@ -1,10 +1,9 @@
 """Test configuration: strict dtype promotion, warnings as errors (see pyproject), fixtures,
 and one compilation cache per test session."""
 
-import os
-
 import jax
 import pytest
+from helpers import session_temp
 
 # A script run in a subprocess with 8 simulated devices (test_distributed.py); importing it
 # here (doctest collection) would configure this process's JAX instead.
@@ -28,10 +27,8 @@ def pytest_configure(config):
     factory = getattr(config, "_tmp_path_factory", None)  # None with -p no:tmpdir
     if factory is None:
         return
-    root = factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the workers' base temps are subdirectories of the session's
-    jax.config.update("jax_compilation_cache_dir", str(root / "jax-compilation-cache"))
+    cache = session_temp(factory) / "jax-compilation-cache"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

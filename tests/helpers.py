@@ -204,6 +204,13 @@ def enable_x64():
     return legacy(True)
 
 
+def session_temp(tmp_path_factory) -> Path:
+    """This test session's base temp directory, shared by its pytest-xdist workers (each
+    worker's own base temp is a subdirectory of it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 def once_per_session(tmp_path_factory, name: str, compute: Callable[[Path], object]):
     """``compute(directory)``'s JSON-able result, computed once per test session.
 
@@ -212,10 +219,7 @@ def once_per_session(tmp_path_factory, name: str, compute: Callable[[Path], obje
     several processes) is paid once, whichever workers its tests land on. A failure stores
     nothing, so a worker asking later computes (and reports) it again.
     """
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by the workers of this session
-    directory = root / f"shared-{name}"
+    directory = session_temp(tmp_path_factory) / f"shared-{name}"
     directory.mkdir(exist_ok=True)
     result = directory / "result.json"
     with open(directory / "lock", "w") as lock:
