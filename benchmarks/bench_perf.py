@@ -8,18 +8,18 @@ Run from the repository root (``benchmarks/run.py`` runs it with the other bench
 
 Three sections:
 
-* ``compile``: trace+lower and XLA compile time of the jitted update of ``optax.adam(1e-3)``,
-  ``chain(oc.clip_by_global_norm(1.0), adam)`` and ``chain(optax.clip_by_global_norm(1.0),
-  adam)`` on transformer-like trees of about 100, 1,000 and 5,000 leaves (12 leaves per
-  layer of d=32, plus embedding and final norm). Each round compiles Adam and our chain;
-  the ratio is the median of the rounds' ratios (9 rounds at 100 leaves, 3 at 1,000, 1 at
-  5,000). The first round compiles the reference programs (only there), then our chain,
-  then Adam; later rounds shuffle the two. Each
-  compilation starts from fresh transformations (nothing is cached; the persistent cache is
-  off). optax's chain is skipped at 5,000 leaves: it takes about 17 minutes there. A
-  reference program, ``chain(x * runtime scalar, adam)``, multiplies every leaf by a scalar
-  held in the state before Adam: the compile time any clipper adds by scaling alone, with
-  no norm (at 100 and 1,000 leaves).
+* ``compile``: trace+lower and XLA compile time of the jitted update of
+  ``optax.adam(1e-3)``, ``chain(oc.clip_by_global_norm(1.0), adam)`` and
+  ``chain(optax.clip_by_global_norm(1.0), adam)`` on transformer-like trees of about 100,
+  1,000 and 5,000 leaves (12 leaves per layer of d=32, plus embedding and final norm). Each
+  round compiles Adam and our chain; the ratio is the median of the rounds' ratios (9 rounds
+  at 100 leaves, 3 at 1,000, 1 at 5,000). The first round compiles the reference programs
+  (only there), then our chain, then Adam; later rounds shuffle the two. Each compilation
+  starts from fresh transformations (nothing is cached; the persistent cache is off).
+  optax's chain is skipped at 5,000 leaves: it takes about 17 minutes there. A reference
+  program, ``chain(x * runtime scalar, adam)``, multiplies every leaf by a scalar held in
+  the state before Adam: the compile time any clipper adds by scaling alone, with no norm
+  (at 100 and 1,000 leaves).
 * ``memory``: one fresh process per program (the three at once) runs 20 jitted training
   steps (update, then ``optax.apply_updates``) on bench_clip.py's 25M-parameter tree with
   the parameters and optimizer state donated. Reported: the peak resident memory of the

@@ -51,20 +51,25 @@ def reduction_count(text: str, sizes: set[int]) -> int:
     return count
 
 
-def _computation_sizes(text: str) -> dict[str, int]:
-    """The number of instructions in each named computation of the compiled HLO."""
-    sizes: dict[str, int] = {}
+def _computations(text: str) -> dict[str, list[str]]:
+    """The instruction lines of each named computation of the compiled HLO."""
+    bodies: dict[str, list[str]] = {}
     name = None
     for line in text.splitlines():
         head = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
         if head:
             name = head.group(1)
-            sizes[name] = 0
+            bodies[name] = []
         elif line == "}":
             name = None
         elif name is not None:
-            sizes[name] += 1
-    return sizes
+            bodies[name].append(line)
+    return bodies
+
+
+def _computation_sizes(text: str) -> dict[str, int]:
+    """The number of instructions in each named computation of the compiled HLO."""
+    return {name: len(lines) for name, lines in _computations(text).items()}
 
 
 def largest_fusion(text: str) -> int:
@@ -133,10 +138,9 @@ def distinct_kernels(text: str, shape: str) -> int:
     """How many different fused computations the entry computation's fusions with result
     ``shape`` call, up to the names of instructions and computations: the kernels XLA has
     to compile for that shape, when it compiles identical ones once."""
-    called = set(_fusions_of_shape(text, shape))
+    computations = _computations(text)
     bodies = set()
-    for comp in re.findall(r"\n%([\w.\-]+ \(.*?\n\})", text, re.S):
-        if comp.split(" ", 1)[0] in called:
-            body = re.sub(r", metadata=\{[^}]*\}", "", comp.split(" ", 1)[1])
-            bodies.add(re.sub(r"%?[\w\-]+\.\d+", "x", body))
+    for name in set(_fusions_of_shape(text, shape)):
+        body = re.sub(r", metadata=\{[^}]*\}", "", "\n".join(computations[name]))
+        bodies.add(re.sub(r"%?[\w\-]+\.\d+", "x", body))
     return len(bodies)
