@@ -191,21 +191,25 @@ def test_grad_of_global_norm_matches_finite_differences():
 # ---------------------------------------------------------------------------
 
 
-def _top_level_primitives(jaxpr) -> list[str]:
-    """Primitive names of ``jaxpr``, descending into pjit/custom_jvp calls but not into the
+def _top_level_eqns(jaxpr) -> list:
+    """Equations of ``jaxpr``, descending into pjit/custom_jvp calls but not into the
     rescue (a while loop or cond, which ordinary inputs do not enter)."""
-    names = []
+    eqns = []
     for eqn in jaxpr.eqns:
-        names.append(eqn.primitive.name)
+        eqns.append(eqn)
         if eqn.primitive.name in ("cond", "switch", "while"):
             continue
         for param in eqn.params.values():
             sub = getattr(param, "jaxpr", None)
             if sub is not None and hasattr(sub, "eqns"):
-                names.extend(_top_level_primitives(sub))
+                eqns.extend(_top_level_eqns(sub))
             elif hasattr(param, "eqns"):
-                names.extend(_top_level_primitives(param))
-    return names
+                eqns.extend(_top_level_eqns(param))
+    return eqns
+
+
+def _top_level_primitives(jaxpr) -> list[str]:
+    return [eqn.primitive.name for eqn in _top_level_eqns(jaxpr)]
 
 
 def _big_and_small_tree():
@@ -250,6 +254,27 @@ def test_many_small_leaves_compile_to_few_reductions():
     tree = [jnp.ones((16,)) for _ in range(200)]
     names = _top_level_primitives(jax.make_jaxpr(oc.global_norm)(tree).jaxpr)
     assert len(_reductions(names)) == 1
+
+
+def test_small_leaves_are_concatenated_in_groups_and_the_norm_stays_exact(monkeypatch):
+    # At most _CONCAT_GROUP leaves to a concatenation (LLVM compiles one concatenate in time
+    # superlinear in its operands): 11 leaves in groups of 4 are three reductions, whose
+    # partials are summed like any others.
+    monkeypatch.setattr(num, "_CONCAT_GROUP", 4)
+    rng = np.random.default_rng(5)
+    tree = [jnp.asarray(rng.standard_normal((k % 3 + 2, 5)), jnp.float32) for k in range(11)]
+    eqns = _top_level_eqns(jax.make_jaxpr(oc.global_norm)(tree).jaxpr)
+    assert len(_reductions([e.primitive.name for e in eqns])) == 3 + 1  # groups, partials
+    leaf_concats = [  # not the stacks of per-chunk scalars, whose operands are (1,)
+        e for e in eqns if e.primitive.name == "concatenate" and e.invars[0].aval.size > 1
+    ]
+    assert sorted(len(e.invars) for e in leaf_concats) == [3, 4, 4]
+    np.testing.assert_allclose(oc.global_norm(tree), oracle.global_norm(tree), rtol=1e-6)
+    tx = oc.clip_by_global_norm(1.0)
+    out, _ = tx.update(tree, tx.init(tree))
+    scale = 1.0 / oracle.global_norm(tree)
+    for got, x in zip(out, tree):
+        np.testing.assert_allclose(got, np.asarray(x, np.float64) * scale, rtol=2e-6)
 
 
 def test_medium_leaves_below_small_leaf_are_stacked_and_the_norm_stays_exact():
