@@ -2,7 +2,7 @@
 
 Run from the repository root (``benchmarks/run.py`` runs it with the other benchmarks)::
 
-    python benchmarks/bench_perf.py                 # full run: about 5 minutes on 2 CPU cores
+    python benchmarks/bench_perf.py                 # full run: about 4 minutes on 2 CPU cores
     python benchmarks/bench_perf.py --quick         # smoke run: small trees, well under a minute
     python benchmarks/bench_perf.py --sections compile,memory
 
