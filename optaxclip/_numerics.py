@@ -230,19 +230,19 @@ def _spec_axes(spec: Any) -> tuple[str, ...]:
 # took the compile of that chain over 999 leaves from 1.73x adam's to 1.40x. SMALL_UNIT_LEAF
 # is for unit norms (_FlatUnits), whose stacking also pads every unit to a power-of-two width.
 SMALL_LEAF = 8192
+SMALL_UNIT_LEAF = 4096
 # At most this many small leaves go into one concatenation. XLA (CPU) emits a concatenate
 # as one function with a loop per operand, which LLVM compiles in time superlinear in their
 # number: the global norm of 4,995 small leaves compiled in 7.3-8.1 s as one concatenation
 # against 2.2-2.9 s in groups of 64-512, and chain(clip_by_global_norm, adam) over 999
 # leaves in 1.30x adam's time against 1.17x (paired medians of 5 rounds). The unit norms
 # (_FlatUnits) stack small leaves the same way, padded, in one loop fusion: leaf_norms of
-# 4,995 leaves compiled for over 11 minutes (stopped; 1,250 leaves to a stack) against
+# 4,995 leaves was still compiling after 11 minutes (1,250 leaves to a stack), against
 # 109 s in groups. Each group costs kernels at run time: clip_by_global_norm over 2,000
 # leaves of 64 and 256 entries (four groups) ran 4.6-5.9% slower than with one
 # concatenation, still 0.84x optax's time; clip_by_leaf_norm, clip_by_block_rms and AGC
 # 1.5-2.2% slower.
 _CONCAT_GROUP = 512
-SMALL_UNIT_LEAF = 4096
 
 
 def check_sharding_args(axis_name: AxisName, partition_specs: Any) -> None:
