@@ -245,6 +245,11 @@ SMALL_UNIT_LEAF = 4096
 _CONCAT_GROUP = 512
 
 
+def _concat_groups(items: Sequence[Any]) -> list[Sequence[Any]]:
+    """``items`` in consecutive groups of at most ``_CONCAT_GROUP``."""
+    return [items[k : k + _CONCAT_GROUP] for k in range(0, len(items), _CONCAT_GROUP)]
+
+
 def check_sharding_args(axis_name: AxisName, partition_specs: Any) -> None:
     """Raises when both ways of naming the mesh axes are given."""
     if axis_name is not None and partition_specs is not None:
@@ -488,8 +493,7 @@ class Reducer:
                 else:
                     small.setdefault(x.dtype, []).append(lax.reshape(x, (x.size,)))
             for flat in small.values():
-                for k in range(0, len(flat), _CONCAT_GROUP):
-                    part = flat[k : k + _CONCAT_GROUP]
+                for part in _concat_groups(flat):
                     members.append(len(chunks))
                     chunks.append(part[0] if len(part) == 1 else lax.concatenate(part, 0))
             groups.append((axes, members))
@@ -850,11 +854,7 @@ class _FlatUnits:
                 width = 1 << max(math.prod(x.shape[j] for j in a) - 1, 0).bit_length()
                 groups.setdefault((x.dtype, width), []).append(i)
         self.direct = direct
-        self.groups = [
-            (key, idx[k : k + _CONCAT_GROUP])
-            for key, idx in groups.items()
-            for k in range(0, len(idx), _CONCAT_GROUP)
-        ]
+        self.groups = [(key, part) for key, idx in groups.items() for part in _concat_groups(idx)]
         self._rows: dict[tuple, jax.Array] = {}
         self.order = direct + [i for _, idx in self.groups for i in idx]
         self.offsets: dict[int, int] = {}
