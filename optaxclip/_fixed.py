@@ -61,9 +61,10 @@ def _value_statistics(
     distinct floats is at least ``tiny``, subnormals aside, which the CPU flushes anyway).
     The count runs only when the largest magnitude is above a bound. A step with a NaN
     entry (``nan_seen``: the sum of squares is NaN), or a NaN count (``inf`` against an
-    infinite bound), takes the element-wise branch instead, which XLA may give a mask in
-    memory. Each chunk's count reads its own scalars (:func:`optaxclip._numerics.own_scalars`,
-    ``anchor`` a zero that XLA cannot fold).
+    infinite bound), takes the exact branch instead: per chunk, one two-operand reduction of
+    the finite maximum and the count (:func:`optaxclip._numerics.fused_reduce`), which
+    keeps no mask in memory. Each chunk's count reads its own scalars
+    (:func:`optaxclip._numerics.own_scalars`, ``anchor`` a zero that XLA cannot fold).
     """
     zero = jnp.zeros((), dtype)
     if not chunks:
@@ -77,10 +78,16 @@ def _value_statistics(
     largest = reducer.max(maxes)
 
     def exact():
-        bound = lambda x: bounds.get(x.dtype, c).astype(dtype)
-        finite_max = [jnp.max(jnp.where(jnp.isnan(a := wide_abs(x)), 0, a)) for x in chunks]
-        over = [jnp.sum(wide_abs(x) > bound(x), dtype=dtype) for x in chunks]
-        return reducer.max(finite_max), reducer.sum(over)
+        # |x| feeds one kernel per chunk; two reductions of it would keep it in memory.
+        def finite_max_and_count(x):
+            a = wide_abs(x)
+            over = (a > bounds.get(x.dtype, c).astype(dtype)).astype(np.int32)
+            return num.fused_reduce(
+                (jnp.where(jnp.isnan(a), 0, a), over), (0, 0), (lax.max, lax.add)
+            )
+
+        finite_max, over = zip(*map(finite_max_and_count, chunks))
+        return reducer.max(list(finite_max)), reducer.sum([n.astype(dtype) for n in over])
 
     def fast():
         dtypes = [chunks[i].dtype for i in real]

@@ -215,7 +215,7 @@ def zero_nonfinite(
         reducer = num.Reducer.build(updates, axis_name, partition_specs)
 
         def count_bad():
-            parts = [jnp.sum(~jnp.isfinite(x), dtype=np.float32) for x in leaves]
+            parts = [num.nonfinite_count(x).astype(np.float32) for x in leaves]
             bad = reducer.sum(parts) if parts else jnp.zeros((), np.float32)
             total = reducer.count([x.size for x in leaves])
             return bad / jnp.maximum(jnp.asarray(total, np.float32), 1)
@@ -303,7 +303,7 @@ def error_if_nonfinite(
         leaves = [jnp.asarray(x) for _, x in with_paths]
 
         def flags():
-            return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+            return jnp.stack([num.nonfinite_count(x) == 0 for x in leaves])
 
         def report(leaf_flags):
             raise FloatingPointError(_nonfinite_message(paths, [bool(f) for f in leaf_flags]))

@@ -177,15 +177,17 @@ def _from_max(m: jax.Array) -> Norm:
     return Norm(jnp.where(big, m, one), jnp.where(big, one, jnp.zeros_like(m)))
 
 
-def _nan_max(x: jax.Array, axis: Any, keepdims: bool) -> jax.Array:
-    """``max(|x|)`` over ``axis`` that is NaN when any entry is.
+def _nan_max(x: jax.Array, dtype: np.dtype, axis: Any, keepdims: bool) -> jax.Array:
+    """``max(|x|)`` over ``axis``, in ``dtype``, that is NaN when any entry is.
 
     XLA's max propagates NaN on one device, but a max over a sharded array (GSPMD's
-    all-reduce on CPU) drops it; an or-reduction of ``isnan`` does not.
+    all-reduce on CPU) drops it; an or-reduction of ``isnan`` does not. Each reduction reads
+    ``x`` through a barrier of its own (see :func:`own_read`).
     """
-    zero = jnp.zeros((), jnp.abs(x).dtype)
-    m = jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims, initial=zero)
-    return jnp.where(jnp.any(jnp.isnan(x), axis=axis, keepdims=keepdims), jnp.nan, m)
+    a = jnp.abs(_wide(own_read(x, 4), dtype))
+    m = jnp.max(a, axis=axis, keepdims=keepdims, initial=jnp.zeros((), a.dtype))
+    nan = jnp.any(jnp.isnan(own_read(x, 5)), axis=axis, keepdims=keepdims)
+    return jnp.where(nan, jnp.nan, m)
 
 
 def _by_ord(ord: Any, fn: Callable[[float], Any]) -> Any:
@@ -698,7 +700,7 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
 
     if ord == math.inf:
         chunks, red = reducer.chunks(leaves)
-        maxes = [_nan_max(_wide(c, dtype), None, False) for c in chunks]
+        maxes = [_nan_max(c, dtype, None, False) for c in chunks]
         return _from_max(red.max(maxes)) if chunks else Norm(one, zero)
 
     down, up = (jnp.asarray(2.0**e, dtype) for e in _RESCUE_EXPONENTS[(np.dtype(dtype), ord)])
@@ -712,7 +714,11 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
 
         def sums(c):
             if c is None:
-                return red.sum([jnp.sum(_magnitude(x, ord, dtype)) for x in chunks])
+                # Each chunk through a barrier of its own (for bfloat16 and float16 chunks):
+                # XLA (CPU) would merge the norm's widening convert with that of any other
+                # kernel reading the leaf (Adam's, beside monitor() or zero_nonfinite()) and
+                # keep the float32 copy in memory, twice the leaf's size.
+                return red.sum([jnp.sum(_magnitude(own_read(x, 4), ord, dtype)) for x in chunks])
             # A copy of c per chunk where chunks share a shape: XLA (CPU) would otherwise
             # broadcast c once per shape and keep the broadcast in memory, feeding the kernels
             # of every leaf of that shape. (Without such chunks, the copies were a kernel.)
@@ -889,7 +895,8 @@ class _FlatUnits:
         parts = []
         for i in self.direct:
             x, a = self.leaves[i], self.axes[i]
-            x = x if c is None else _times(x, self.take(c, i), dtype)
+            # The ordinary pass reads the leaf through a barrier (see _global_pair's sums).
+            x = own_read(x, 4) if c is None else _times(x, self.take(c, i), dtype)
             s = jnp.sum(_magnitude(x, ord, dtype), a, keepdims=True)
             parts.append(jnp.ravel(s))
         for (_, width), idx in self.groups:
@@ -947,7 +954,7 @@ def _unit_pairs(
     ]
 
     if ord == math.inf:
-        local = [_nan_max(_wide(x, dtype), a, True) for x, a in zip(leaves, axes)]
+        local = [_nan_max(x, dtype, a, True) for x, a in zip(leaves, axes)]
         return [_from_max(m) for m in grouped_collective(local, red_axes, pmax)]
 
     one = jnp.ones((), dtype)
@@ -966,7 +973,8 @@ def _unit_pairs(
         return [] if mesh else [i for i, x in enumerate(xs) if not _explicitly_sharded(x)]
 
     def leaf_sums(xs, cs, idx):
-        scaled = lambda x, c: x if c is None else _times(x, c, dtype)
+        # The ordinary pass reads each leaf through a barrier (see _global_pair's sums).
+        scaled = lambda x, c: own_read(x, 4) if c is None else _times(x, c, dtype)
         local = [
             jnp.sum(_magnitude(scaled(xs[i], cs[j]), ord, dtype), axes[i], keepdims=True)
             for j, i in enumerate(idx)
@@ -1477,6 +1485,45 @@ def own_read(x: jax.Array, tag: int = 0) -> jax.Array:
     if x.dtype.itemsize >= 4:
         return x
     return lax.optimization_barrier((x, jnp.int8(tag)))[0]
+
+
+def fused_reduce(
+    operands: Sequence[jax.Array], inits: Sequence[Any], ops: Sequence[Callable]
+) -> tuple[jax.Array, ...]:
+    """Reduces each of ``operands`` over all its axes with its ``op``, in one kernel.
+
+    XLA (CPU) hands a reduction of one operand to its YNNPACK emitter, which fuses no
+    compare or select: such an element-wise producer is written to memory first, a
+    temporary the size of the leaf that every compiled program reserves, even for a branch
+    that only a non-finite step takes. A reduction of two or more operands is emitted by
+    XLA's own loop, which computes its producers in place (and runs slower: this is for
+    statistics that only rare steps need). Every result must be used, or XLA drops its
+    operand and the reduction has one again. Statistics only: no derivative flows through.
+    """
+    if len(operands) < 2:
+        raise ValueError(f"fused_reduce needs two or more operands; got {len(operands)}.")
+    operands = tuple(lax.stop_gradient(jnp.asarray(x)) for x in operands)
+    inits = tuple(jnp.asarray(i, x.dtype) for i, x in zip(inits, operands))
+    return tuple(
+        lax.reduce(
+            operands,
+            inits,
+            lambda u, v: tuple(op(a, b) for op, a, b in zip(ops, u, v)),
+            tuple(range(operands[0].ndim)),
+        )
+    )
+
+
+def nonfinite_count(x: jax.Array) -> jax.Array:
+    """The number of NaN and infinite entries of ``x`` (int32), with no mask in memory.
+
+    NaNs and infinities are counted apart in one :func:`fused_reduce` and added.
+    """
+    x = jnp.asarray(x)
+    n_nan, n_inf = fused_reduce(
+        (jnp.isnan(x).astype(np.int32), jnp.isinf(x).astype(np.int32)), (0, 0), (lax.add, lax.add)
+    )
+    return n_nan + n_inf
 
 
 # Bit operations have no derivative: differentiated, the bit paths are the conversion and

@@ -518,3 +518,44 @@ def test_clip_by_global_norm_leaves_the_kernels_of_same_shaped_leaves_identical(
     adam = kernels(optax.adam(1e-3))
     assert min(adam) > 0
     assert kernels(optax.chain(oc.clip_by_global_norm(1.0), optax.adam(1e-3))) == adam
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.array([[1.0, np.nan, -np.inf], [np.inf, 2.0, np.nan]], np.float32),
+        np.array([np.nan, 1.0, np.inf, -np.inf], jnp.bfloat16),
+        np.array([1 + 1j, complex(np.nan, 0), complex(0, np.inf)], np.complex64),
+        np.arange(6, dtype=np.int32).reshape(2, 3),
+        np.zeros((0, 3), np.float32),
+        np.float32(np.inf),
+    ],
+    ids=["float32", "bfloat16", "complex64", "int32", "empty", "scalar"],
+)
+def test_nonfinite_count_counts_nan_and_infinite_entries(x, maybe_jit):
+    got = maybe_jit(num.nonfinite_count)(jnp.asarray(x))
+    expected = int(np.sum(~np.isfinite(np.asarray(x).astype(np.complex128))))
+    assert got.dtype == jnp.int32
+    assert int(got) == expected
+
+
+def test_fused_reduce_reduces_each_operand_with_its_own_op():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 5)), jnp.float32)
+    largest, total = num.fused_reduce((jnp.abs(x), x), (0, 0), (jax.lax.max, jax.lax.add))
+    np.testing.assert_allclose(largest, np.max(np.abs(np.asarray(x, np.float64))), rtol=1e-7)
+    np.testing.assert_allclose(total, np.sum(np.asarray(x, np.float64)), rtol=1e-5, atol=1e-6)
+    # statistics only: no derivative flows through, and differentiating does not fail
+    grad = jax.grad(lambda x: sum(num.fused_reduce((x, x * x), (0, 0), (jax.lax.add,) * 2)))(x)
+    np.testing.assert_array_equal(grad, np.zeros(x.shape, np.float32))
+    with pytest.raises(ValueError, match="two or more operands"):
+        num.fused_reduce((x,), (0,), (jax.lax.add,))
+
+
+def test_nonfinite_count_writes_no_mask_to_memory():
+    # A one-operand reduction of a compare writes the compare's mask to memory on CPU.
+    x = jnp.zeros((512, 256), jnp.float32)
+    compiled = jax.jit(num.nonfinite_count).lower(x).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend reports no memory analysis")
+    assert analysis.temp_size_in_bytes < 0.05 * x.nbytes
