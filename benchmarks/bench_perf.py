@@ -33,7 +33,9 @@ Three sections:
   without blocking, under ``jax.transfer_guard("disallow")`` (a device-to-host transfer
   would raise); reported: the time to dispatch the 100 steps, the time until the last one
   finished, and whether the last result was still pending when the loop returned (the
-  loop ran ahead of the device: no step waited on the host).
+  loop ran ahead of the device: no step waited on the host). Also XLA's temp bytes of each
+  donated step, against the largest leaf: no step keeps a copy of a leaf in memory, in any
+  branch (the analysis counts every branch, taken or not).
 """
 
 from __future__ import annotations
@@ -86,10 +88,11 @@ CONCURRENT = {5000, 40}
 MEMORY_STEPS = 20
 MEMORY_TREE = {"full": (320, 12, 32_000), "quick": (64, 2, 1024)}  # d, layers, vocab
 DISPATCH_TREE = {"full": (256, 2, 2048), "quick": (256, 1, 2048)}
-DISPATCH_QUICK = ("clip_by_global_norm(1.0)", "zclip()", "skip_spikes()")
+DISPATCH_QUICK = ("clip_by_value(1.0)", "clip_by_global_norm(1.0)", "zclip()", "zero_nonfinite()")
 DISPATCH_STEPS = 100
 
 TARGETS = {"compile": 1.3, "memory": 1.05}
+NO_COPY = 0.25  # a step's XLA temp under this fraction of the largest leaf holds no leaf copy
 
 
 def adam() -> optax.GradientTransformation:
@@ -465,6 +468,7 @@ def dispatch_transforms() -> dict[str, Callable[[], optax.GradientTransformation
         "skip_nonfinite()": lambda: oc.skip_nonfinite(),
         "skip_spikes()": lambda: oc.skip_spikes(),
         "monitor()": lambda: oc.monitor(),
+        "zero_nonfinite()": lambda: oc.zero_nonfinite(),
     }
 
 
@@ -493,8 +497,11 @@ def bench_dispatch(quick: bool) -> dict[str, Any]:
 
         params = jax.tree.map(jnp.zeros_like, grads)
         contenders.append(Contender(name, step, (params, tx.init(params), grads)))
+    largest = max(x.nbytes for x in jax.tree.leaves(grads))
     for c in compile_contenders(contenders, donate=(0, 1)):
         name, fn, (params, state, _) = c.contender.name, c.executable, c.contender.args
+        analysis = fn.memory_analysis()
+        temp = None if analysis is None else int(analysis.temp_size_in_bytes)
         params, state = jax.block_until_ready(fn(params, state, grads))  # warm up
         with jax.transfer_guard("disallow"):
             t0 = time.perf_counter()
@@ -509,16 +516,29 @@ def bench_dispatch(quick: bool) -> dict[str, Any]:
             "finish_s": t2 - t0,
             "dispatch_over_finish": (t1 - t0) / (t2 - t0),
             "pending_after_loop": pending,
+            "temp_bytes": temp,
+            "temp_over_largest_leaf": None if temp is None else temp / largest,
         }
     return {
         "tree_params": int(sum(np.prod(s) for s in shapes.values())),
+        "largest_leaf_bytes": int(largest),
         "steps": DISPATCH_STEPS,
         "programs": out,
         "all_ran_ahead": all(r["pending_after_loop"] for r in out.values()),
+        "no_leaf_copy_below": NO_COPY,
+        "all_hold_no_leaf_copy": all(
+            r["temp_over_largest_leaf"] is not None and r["temp_over_largest_leaf"] < NO_COPY
+            for r in out.values()
+        ),
     }
 
 
 def dispatch_table(section: dict[str, Any]) -> str:
+    def temp(r: dict[str, Any]) -> list[str]:
+        if r.get("temp_bytes") is None:
+            return ["—", "—"]
+        return [_bytes(r["temp_bytes"]), f"{r['temp_over_largest_leaf']:.4f}"]
+
     rows = [
         [
             name,
@@ -526,11 +546,13 @@ def dispatch_table(section: dict[str, Any]) -> str:
             f"{1e3 * r['finish_s']:.1f}",
             f"{r['dispatch_over_finish']:.3f}",
             "yes" if r["pending_after_loop"] else "**no**",
+            *temp(r),
         ]
         for name, r in section["programs"].items()
     ]
     headers = ["program", "dispatch 100 steps, ms", "until done, ms", "ratio"]
-    return markdown_table([*headers, "last step pending after the loop"], rows)
+    headers += ["last step pending after the loop", "XLA temp of the step", "temp / largest leaf"]
+    return markdown_table(headers, rows)
 
 
 # ---------------------------------------------------------------------------

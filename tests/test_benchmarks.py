@@ -67,7 +67,8 @@ def test_run_quick_writes_every_section(tmp_path):
     assert {"bench_perf", "bench_clip", "bench_adaptive"} == set(run["section_wall_s"])
     wheres = {t["where"] for t in run["targets"]}
     assert {"transformer_f32", "small_leaves_f32", "transformer_bf16"} <= wheres
-    assert {"memory, 20 donated steps", "dispatch, 100 steps"} <= wheres
+    memory_and_dispatch = {"memory, 20 donated steps", "memory, every chain's step"}
+    assert memory_and_dispatch | {"dispatch, 100 steps"} <= wheres
     assert any(w.startswith("compile, ") for w in wheres)
     assert all(isinstance(t["met"], bool) and t["ratio"] > 0 for t in run["targets"])
     assert "# Targets" in proc.stdout and "| where |" in proc.stdout
@@ -96,6 +97,11 @@ def test_run_quick_writes_every_section(tmp_path):
 
     perf = json.loads((tmp_path / "bench_perf.json").read_text())
     assert perf["dispatch"]["all_ran_ahead"]
+    dispatch = perf["dispatch"]
+    assert "chain(clip_by_value(1.0), adam)" in dispatch["programs"]
+    assert dispatch["all_hold_no_leaf_copy"] and 0 < dispatch["no_leaf_copy_below"] <= 0.25
+    for name, program in dispatch["programs"].items():
+        assert 0 <= program["temp_over_largest_leaf"] < dispatch["no_leaf_copy_below"], name
     for program in perf["memory"]["programs"].values():
         assert program["steps_peak_rss_bytes"] > program["grad_bytes"]
 
