@@ -182,11 +182,11 @@ def _nan_max(x: jax.Array, dtype: np.dtype, axis: Any, keepdims: bool) -> jax.Ar
 
     XLA's max propagates NaN on one device, but a max over a sharded array (GSPMD's
     all-reduce on CPU) drops it; an or-reduction of ``isnan`` does not. Each reduction reads
-    ``x`` through a barrier of its own (see :func:`own_read`).
+    ``x`` through a barrier of its own (see :func:`barrier`).
     """
-    a = jnp.abs(_wide(own_read(x, 4), dtype))
+    a = jnp.abs(_wide(barrier(x, 4), dtype))
     m = jnp.max(a, axis=axis, keepdims=keepdims, initial=jnp.zeros((), a.dtype))
-    nan = jnp.any(jnp.isnan(own_read(x, 5)), axis=axis, keepdims=keepdims)
+    nan = jnp.any(jnp.isnan(barrier(x, 5)), axis=axis, keepdims=keepdims)
     return jnp.where(nan, jnp.nan, m)
 
 
@@ -714,11 +714,11 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
 
         def sums(c):
             if c is None:
-                # Each chunk through a barrier of its own (for bfloat16 and float16 chunks):
-                # XLA (CPU) would merge the norm's widening convert with that of any other
-                # kernel reading the leaf (Adam's, beside monitor() or zero_nonfinite()) and
-                # keep the float32 copy in memory, twice the leaf's size.
-                return red.sum([jnp.sum(_magnitude(own_read(x, 4), ord, dtype)) for x in chunks])
+                # Each chunk through a barrier (see :func:`barrier`): XLA (CPU) would merge
+                # the norm's squares (float32) or widening convert (bfloat16) with those of
+                # another kernel reading the leaf (Adam's, beside monitor()) and keep them
+                # in memory.
+                return red.sum([jnp.sum(_magnitude(barrier(x, 4), ord, dtype)) for x in chunks])
             # A copy of c per chunk where chunks share a shape: XLA (CPU) would otherwise
             # broadcast c once per shape and keep the broadcast in memory, feeding the kernels
             # of every leaf of that shape. (Without such chunks, the copies were a kernel.)
@@ -895,8 +895,8 @@ class _FlatUnits:
         parts = []
         for i in self.direct:
             x, a = self.leaves[i], self.axes[i]
-            # The ordinary pass reads the leaf through a barrier (see _global_pair's sums).
-            x = own_read(x, 4) if c is None else _times(x, self.take(c, i), dtype)
+            # The ordinary pass reads the leaf through a barrier (see :func:`barrier`).
+            x = barrier(x, 4) if c is None else _times(x, self.take(c, i), dtype)
             s = jnp.sum(_magnitude(x, ord, dtype), a, keepdims=True)
             parts.append(jnp.ravel(s))
         for (_, width), idx in self.groups:
@@ -973,8 +973,8 @@ def _unit_pairs(
         return [] if mesh else [i for i, x in enumerate(xs) if not _explicitly_sharded(x)]
 
     def leaf_sums(xs, cs, idx):
-        # The ordinary pass reads each leaf through a barrier (see _global_pair's sums).
-        scaled = lambda x, c: own_read(x, 4) if c is None else _times(x, c, dtype)
+        # The ordinary pass reads each leaf through a barrier (see :func:`barrier`).
+        scaled = lambda x, c: barrier(x, 4) if c is None else _times(x, c, dtype)
         local = [
             jnp.sum(_magnitude(scaled(xs[i], cs[j]), ord, dtype), axes[i], keepdims=True)
             for j, i in enumerate(idx)
@@ -1484,6 +1484,17 @@ def own_read(x: jax.Array, tag: int = 0) -> jax.Array:
     """
     if x.dtype.itemsize >= 4:
         return x
+    return barrier(x, tag)
+
+
+def barrier(x: jax.Array, tag: int) -> jax.Array:
+    """``x`` through an optimization barrier (``tag`` keeps two barriers apart).
+
+    A norm's ordinary pass reads every leaf through ``barrier(x, 4)``: XLA merges equal
+    element-wise work of different kernels into one array in memory, so a norm beside
+    Adam (``monitor()``, a guard, a norm logged next to the step) shared Adam's ``g * g``
+    (float32) or its widening convert (bfloat16), and the step held a copy of every leaf.
+    """
     return lax.optimization_barrier((x, jnp.int8(tag)))[0]
 
 
