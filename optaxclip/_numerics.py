@@ -480,24 +480,38 @@ class Reducer:
         more to launch than copying 8,192 floats). 0-size leaves contribute nothing and are
         left out.
         """
-        chunks: list[jax.Array] = []
+        chunks, reducer = self.aligned_chunks(leaves)
+        return [c[0] for c in chunks], reducer
+
+    def aligned_chunks(
+        self, *lists: Sequence[jax.Array]
+    ) -> tuple[list[tuple[jax.Array, ...]], Reducer]:
+        """:meth:`chunks` of several lists of leaves at once (the gradient and a state of
+        its shape), leaf i of every list in the same place of the same chunk: small leaves
+        are grouped by the tuple of their dtypes. Sizes and sharding are the first list's.
+        """
+        chunks: list[tuple[jax.Array, ...]] = []
         groups: list[tuple[tuple[str, ...], list[int]]] = []
         for axes, idx in self.groups:
             members: list[int] = []
-            small: dict[Any, list[jax.Array]] = {}
+            small: dict[Any, list[tuple[jax.Array, ...]]] = {}
             for i in idx:
-                x = leaves[i]
+                x = lists[0][i]
                 if x.size == 0:
                     continue
                 if x.size >= SMALL_LEAF or _explicitly_sharded(x):
                     members.append(len(chunks))
-                    chunks.append(x)
+                    chunks.append(tuple(xs[i] for xs in lists))
                 else:
-                    small.setdefault(x.dtype, []).append(lax.reshape(x, (x.size,)))
-            for flat in small.values():
-                for part in _concat_groups(flat):
+                    flat = tuple(lax.reshape(xs[i], (x.size,)) for xs in lists)
+                    small.setdefault(tuple(f.dtype for f in flat), []).append(flat)
+            for rows in small.values():
+                for part in _concat_groups(rows):
                     members.append(len(chunks))
-                    chunks.append(part[0] if len(part) == 1 else lax.concatenate(part, 0))
+                    if len(part) == 1:
+                        chunks.append(part[0])
+                    else:
+                        chunks.append(tuple(lax.concatenate(list(c), 0) for c in zip(*part)))
             groups.append((axes, members))
         return chunks, Reducer(groups)
 

@@ -273,46 +273,51 @@ def _wide_of(x: jax.Array, v: jax.Array) -> np.dtype:
     return np.dtype(np.float64 if np.float64 in (np.dtype(v.dtype), x.dtype) else _F32)
 
 
-def _spike_statistics(leaves, nus, given, theta, anchor, reducer):
+def _spike_statistics(leaves, nus, theta, anchor, reducer):
     """The number of spikes and the smallest factor ``sqrt(theta v) / |g|`` over them, on a
-    step past the gate (every entry finite); ``given[i]`` holds leaf i's pair where it was
-    computed already (complex leaves).
+    step past the gate (every entry finite).
 
-    Each is one reduction per leaf that XLA fuses with its element-wise producer (on CPU, a
-    compare or select would write a full-size mask to memory first): an entry counts
+    Small leaves are stacked with their ``v`` (:meth:`optaxclip._numerics.Reducer.
+    aligned_chunks`): one leaf at a time, 999 small leaves took 96 s to compile. Each
+    statistic is one reduction per chunk that XLA fuses with its element-wise producer (on
+    CPU, a compare or select would write a full-size mask to memory first): an entry counts
     ``min(max(g**2 - theta v, 0) / tiny, 1)`` (1 for every spike, the difference of two
     distinct floats being at least ``tiny``, subnormals aside, which the CPU flushes), and its
     factor is ``min(1, (b + e) / (|g| + e))`` with ``b = sqrt(theta v)`` and
     ``e = 1 - min(|g| / tiny, 1)`` (1 for a zero entry, so 0 / 0 never forms; 0 otherwise,
-    leaving ``b / |g|`` exact). Every leaf reads its own copies of the scalars
+    leaving ``b / |g|`` exact). Every chunk reads its own copies of the scalars
     (:func:`optaxclip._numerics.own_scalars`, ``anchor`` a zero that XLA cannot fold).
+    Complex chunks compare magnitudes.
     """
-    fused = [i for i, x in enumerate(leaves) if i not in given and x.size]
+    chunks, reducer = reducer.aligned_chunks(leaves, nus)
+    if not chunks:
+        return jnp.zeros((), _F32) + anchor, jnp.ones((), _F32) + anchor
+    wides = [_wide_of(x, v) for x, v in chunks]
+    real = [j for j, (x, _) in enumerate(chunks) if not jnp.iscomplexobj(x)]
     # The count and the factor each read their own scalars, or XLA would merge the two
     # kernels' producers into one array.
-    wides = {i: _wide_of(leaves[i], nus[i]) for i in fused}
-    rows = [(theta, 0, 1, 1 / np.finfo(wides[i]).tiny) for i in fused for _ in (0, 1)]
-    dtypes = [wides[i] for i in fused for _ in (0, 1)]
-    copies = num.own_scalars(rows, dtypes, anchor)
+    rows = [(theta, 0, 1, 1 / np.finfo(wides[j]).tiny) for j in real for _ in (0, 1)]
+    copies = num.own_scalars(rows, [wides[j] for j in real for _ in (0, 1)], anchor)
     counts, mins = [], []
-    for i, (x, v) in enumerate(zip(leaves, nus)):
-        if i in given:
-            count, smallest = given[i]
-        elif i not in wides:  # no entries
-            count, smallest = jnp.zeros((), _F32), _f32(1.0)
-        else:
-            j, wide = fused.index(i), wides[i]
-            th, zero, one, inv_tiny = copies[2 * j]
-            xw, vw = num.own_read(x, 2).astype(wide), num.own_read(v, 2).astype(wide)
-            over = jnp.maximum(xw * xw - th * vw, zero)
-            count = jnp.sum(jnp.minimum(over * inv_tiny, one), dtype=_F32)
-            th, zero, one, inv_tiny = copies[2 * j + 1]
-            xw, vw = num.own_read(x, 3).astype(wide), num.own_read(v, 3).astype(wide)
-            mag, b = jnp.abs(xw), jnp.sqrt(th * vw)
-            e = one - jnp.minimum(mag * inv_tiny, one)
-            smallest = jnp.min(jnp.minimum(one, (b + e) / (mag + e))).astype(_F32)
-        counts.append(count)
-        mins.append(smallest)
+    for j, ((x, v), wide) in enumerate(zip(chunks, wides)):
+        if j not in real:  # complex: |g| against sqrt(theta v)
+            mag = jnp.abs(num._wide(x, wide))
+            bound = jnp.sqrt(theta.astype(wide) * v.astype(wide))
+            spike = mag > bound
+            counts.append(jnp.sum(spike, dtype=_F32))
+            factor = jnp.where(spike, bound / jnp.where(spike, mag, 1), 1)
+            mins.append(jnp.min(factor, initial=1.0).astype(_F32))
+            continue
+        k = 2 * real.index(j)
+        th, zero, one, inv_tiny = copies[k]
+        xw, vw = num.own_read(x, 2).astype(wide), num.own_read(v, 2).astype(wide)
+        over = jnp.maximum(xw * xw - th * vw, zero)
+        counts.append(jnp.sum(jnp.minimum(over * inv_tiny, one), dtype=_F32))
+        th, zero, one, inv_tiny = copies[k + 1]
+        xw, vw = num.own_read(x, 3).astype(wide), num.own_read(v, 3).astype(wide)
+        mag, b = jnp.abs(xw), jnp.sqrt(th * vw)
+        e = one - jnp.minimum(mag * inv_tiny, one)
+        mins.append(jnp.min(jnp.minimum(one, (b + e) / (mag + e))).astype(_F32))
     return reducer.sum(counts), reducer.max([-m for m in mins]) * -1
 
 
@@ -411,8 +416,8 @@ def spike_aware_clip(
         active = (state.step + 1 >= jnp.asarray(warmup_steps)) & ok
         beta = _f32(b2)
 
-        out, new_nus, given = [], [], {}
-        for i, (x, v) in enumerate(zip(leaves, nus)):
+        out, new_nus = [], []
+        for x, v in zip(leaves, nus):
             wide = _wide_of(x, v)
             xw, vw = num._wide(num.own_read(x, 1), wide), num.own_read(v, 1).astype(wide)
             limit = theta.astype(wide) * vw  # SPAM's threshold * exp_avg_sq
@@ -423,7 +428,6 @@ def spike_aware_clip(
                 factor = jnp.where(spike, bound / jnp.where(spike, mag, 1), 1).astype(wide)
                 clipped = xw * factor.astype(xw.dtype)
                 square = jnp.abs(clipped) ** 2
-                given[i] = (jnp.sum(spike, dtype=_F32), jnp.min(factor, initial=1.0).astype(_F32))
             else:
                 # SPAM's rule as its code writes it: g**2 > threshold * v, then
                 # sign(g) * sqrt(threshold * v). The second moment takes the clipped square
@@ -441,7 +445,7 @@ def spike_aware_clip(
             anchor = state.step.astype(_F32) * 0
             n_clipped, scale = lax.cond(
                 active,
-                lambda: _spike_statistics(leaves, nus, given, theta, anchor, reducer),
+                lambda: _spike_statistics(leaves, nus, theta, anchor, reducer),
                 # zeros_like / ones_like of the norm: per device inside shard_map without
                 # axis_name, as the other branch's figures are.
                 lambda: (jnp.zeros_like(norm.m, _F32), jnp.ones_like(norm.m, _F32)),
