@@ -273,6 +273,14 @@ def _wide_of(x: jax.Array, v: jax.Array) -> np.dtype:
     return np.dtype(np.float64 if np.float64 in (np.dtype(v.dtype), x.dtype) else _F32)
 
 
+def _complex_spikes(xw: jax.Array, limit: jax.Array, active: Any = True):
+    """Complex entries against ``sqrt(limit)`` (``limit = theta v``): the spikes, and the
+    factor that brings a spike's modulus down to the bound, keeping its phase (1 elsewhere)."""
+    mag, bound = jnp.abs(xw), jnp.sqrt(limit)
+    spike = active & (mag > bound)
+    return spike, jnp.where(spike, bound / jnp.where(spike, mag, 1), 1)
+
+
 def _spike_statistics(leaves, nus, theta, anchor, reducer):
     """The number of spikes and the smallest factor ``sqrt(theta v) / |g|`` over them, on a
     step past the gate (every entry finite).
@@ -300,12 +308,9 @@ def _spike_statistics(leaves, nus, theta, anchor, reducer):
     copies = num.own_scalars(rows, [wides[j] for j in real for _ in (0, 1)], anchor)
     counts, mins = [], []
     for j, ((x, v), wide) in enumerate(zip(chunks, wides)):
-        if j not in real:  # complex: |g| against sqrt(theta v)
-            mag = jnp.abs(num._wide(x, wide))
-            bound = jnp.sqrt(theta.astype(wide) * v.astype(wide))
-            spike = mag > bound
+        if j not in real:
+            spike, factor = _complex_spikes(num._wide(x, wide), theta.astype(wide) * v.astype(wide))
             counts.append(jnp.sum(spike, dtype=_F32))
-            factor = jnp.where(spike, bound / jnp.where(spike, mag, 1), 1)
             mins.append(jnp.min(factor, initial=1.0).astype(_F32))
             continue
         k = 2 * real.index(j)
@@ -422,10 +427,7 @@ def spike_aware_clip(
             xw, vw = num._wide(num.own_read(x, 1), wide), num.own_read(v, 1).astype(wide)
             limit = theta.astype(wide) * vw  # SPAM's threshold * exp_avg_sq
             if jnp.iscomplexobj(xw):  # keep the phase
-                mag = jnp.abs(xw)
-                bound = jnp.sqrt(limit)
-                spike = active & (mag > bound)
-                factor = jnp.where(spike, bound / jnp.where(spike, mag, 1), 1).astype(wide)
+                _, factor = _complex_spikes(xw, limit, active)
                 clipped = xw * factor.astype(xw.dtype)
                 square = jnp.abs(clipped) ** 2
             else:
