@@ -217,12 +217,13 @@ def adagc(
         q = jnp.where(total.finite, jnp.where(warming, gq, lq), 1)
         p, q = num.materialize(p, q)  # read by every leaf: computed once
 
-        def part(v, i, x, k):  # leaf i's slices of a per-slice vector, shaped to broadcast
-            return v[offsets[i] : offsets[i + 1]].reshape(x.shape[:k] + (1,) * (x.ndim - k))
-
+        # Each leaf's slices of p and q, shaped to broadcast, read through leaf_pieces: a
+        # slice of the whole vector per leaf made adagc over 999 small leaves compile in
+        # 22 s, 14 s this way.
+        spans = [(int(offsets[i]), int(offsets[i + 1] - offsets[i])) for i in range(len(leaves))]
         out = [
-            num.scale_leaf(x, part(p, i, x, k), part(q, i, x, k))
-            for i, (x, k) in enumerate(zip(leaves, stacked))
+            num.scale_leaf(x, *(v.reshape(x.shape[:k] + (1,) * (x.ndim - k)) for v in pq))
+            for x, k, pq in zip(leaves, stacked, num.leaf_pieces([p, q], spans))
         ]
         clipped = jnp.where(warming, g_clipped, leaf_clipped) & total.finite
         new_gamma = jnp.where(warming, warm_gamma, ema_gamma)

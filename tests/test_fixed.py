@@ -444,3 +444,19 @@ def test_leaf_kernels_read_their_factors_from_small_pieces(name):
         norm = math.sqrt(8) * i if name == "clip_by_leaf_norm" else float(i)
         expected = i * min(1.0, 1.0 / norm) if i else 0.0
         np.testing.assert_allclose(out[f"l{i:02d}"], np.full(8, expected), rtol=1e-6)
+
+
+def test_adagc_leaf_kernels_read_their_factors_from_small_pieces():
+    # The same for AdaGC's per-tensor factors: slicing each leaf's out of the whole vector,
+    # 999 small leaves compiled in 22 s, 14 s from pieces.
+    grads = {f"l{i:02d}": jnp.full((8,), float(i + 1), jnp.float32) for i in range(64)}
+    tx = oc.adagc(clip_ratio=2.0, warmup_steps=0)
+    state = tx.init(grads)._replace(gamma=jnp.arange(1, 65, dtype=jnp.float32) / 4)
+    text = jax.jit(tx.update).lower(grads, state).compile().as_text()
+    kernels = entry_fusion_operands(text, "f32[8]")
+    assert len(kernels) == 64
+    assert all(max(n for n in sizes if n != 8) <= 16 for sizes in kernels), kernels
+    out, _ = tx.update(grads, state)
+    for i in range(64):  # leaf i against its own threshold 2 * gamma_i = (i + 1) / 2
+        norm, limit = math.sqrt(8) * (i + 1), (i + 1) / 2
+        np.testing.assert_allclose(out[f"l{i:02d}"], np.full(8, (i + 1) * limit / norm), rtol=1e-6)
