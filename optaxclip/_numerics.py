@@ -728,10 +728,7 @@ def _global_pair(leaves: list[jax.Array], ord: float, reducer: Reducer, dtype: n
 
         def sums(c):
             if c is None:
-                # Each chunk through a barrier (see :func:`barrier`): XLA (CPU) would merge
-                # the norm's squares (float32) or widening convert (bfloat16) with those of
-                # another kernel reading the leaf (Adam's, beside monitor()) and keep them
-                # in memory.
+                # The ordinary pass reads each chunk through a barrier (see :func:`barrier`).
                 return red.sum([jnp.sum(_magnitude(barrier(x, 4), ord, dtype)) for x in chunks])
             # A copy of c per chunk where chunks share a shape: XLA (CPU) would otherwise
             # broadcast c once per shape and keep the broadcast in memory, feeding the kernels

@@ -303,18 +303,19 @@ def _spike_statistics(leaves, nus, theta, anchor, reducer):
         return jnp.zeros((), _F32) + anchor, jnp.ones((), _F32) + anchor
     wides = [_wide_of(x, v) for x, v in chunks]
     real = [j for j, (x, _) in enumerate(chunks) if not jnp.iscomplexobj(x)]
+    first_copy = {j: 2 * n for n, j in enumerate(real)}  # chunk j's two rows of scalars
     # The count and the factor each read their own scalars, or XLA would merge the two
     # kernels' producers into one array.
     rows = [(theta, 0, 1, 1 / np.finfo(wides[j]).tiny) for j in real for _ in (0, 1)]
     copies = num.own_scalars(rows, [wides[j] for j in real for _ in (0, 1)], anchor)
     counts, mins = [], []
     for j, ((x, v), wide) in enumerate(zip(chunks, wides)):
-        if j not in real:
+        if j not in first_copy:
             spike, factor = _complex_spikes(num._wide(x, wide), theta.astype(wide) * v.astype(wide))
             counts.append(jnp.sum(spike, dtype=_F32))
             mins.append(jnp.min(factor, initial=1.0).astype(_F32))
             continue
-        k = 2 * real.index(j)
+        k = first_copy[j]
         th, zero, one, inv_tiny = copies[k]
         xw, vw = num.own_read(x, 2).astype(wide), num.own_read(v, 2).astype(wide)
         over = jnp.maximum(xw * xw - th * vw, zero)
