@@ -92,7 +92,8 @@ def _value_statistics(
     def fast():
         dtypes = [chunks[i].dtype for i in real]
         rows = [(bounds[d], 0, 1 / jnp.finfo(d).tiny, 1) for d in dtypes]
-        copies = dict(zip(real, num.own_scalars(rows, dtypes, anchor)))
+        shapes = [chunks[i].shape for i in real]
+        copies = dict(zip(real, num.own_scalars(rows, dtypes, anchor, shapes)))
         overs = []
         for i, x in enumerate(chunks):
             if i in real:

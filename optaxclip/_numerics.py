@@ -1466,22 +1466,43 @@ def separate(values: Sequence[jax.Array], anchor: jax.Array) -> list[jax.Array]:
     return list(lax.optimization_barrier(tuple(copies)))
 
 
-def own_scalars(rows: Sequence[Sequence[Any]], dtypes: Sequence[Any], anchor: jax.Array) -> list:
-    """Each kernel's own copies of its scalars: ``rows[i]`` in ``dtypes[i]``, one tuple each.
+def own_scalars(
+    rows: Sequence[Sequence[Any]],
+    dtypes: Sequence[Any],
+    anchor: jax.Array,
+    shapes: Sequence[tuple[int, ...]],
+) -> list:
+    """Each kernel's own copies of its scalars: ``rows[i]`` in ``dtypes[i]``, one tuple each,
+    for the kernel that reduces an array of shape ``shapes[i]``.
 
     XLA (CPU) fuses a broadcast scalar into a reduction's kernel only when no other kernel
     reads the same broadcast; a scalar shared by the kernels of leaves of one shape (an equal
     constant, or the same threshold) becomes a full-size array in memory feeding them all.
-    The copies are slices of one sort (never merged), whose values carry ``anchor``, a zero
-    computed at run time, so that constant folding cannot make them equal again.
+    So the k-th kernel of each shape and dtype reads copy k, whose values carry
+    ``k * anchor`` (``anchor`` a zero computed at run time, so that neither constant folding
+    nor CSE can make two copies equal again); kernels of different shapes share a copy.
+    Each copy is an output of one variadic reduction per k and dtype (:func:`_reduced`), so
+    a kernel reads a buffer of its own: as slices of one vector, each slice was a kernel of
+    its own, and ``clip_by_value`` over a 147-leaf tree compiled 200 of them (1.9 s against
+    0.9 s without).
     """
-    flat = materialize(
-        *[jnp.asarray(v, d) + anchor.astype(d) for row, d in zip(rows, dtypes) for v in row]
-    )
-    out, start = [], 0
-    for row in rows:
-        out.append(tuple(flat[start : start + len(row)]))
-        start += len(row)
+    ranks: list[int] = []
+    seen: dict[Any, int] = {}
+    for shape, d in zip(shapes, dtypes):
+        key = (tuple(shape), np.dtype(d))
+        ranks.append(seen.get(key, 0))
+        seen[key] = ranks[-1] + 1
+    out: list[Any] = [None] * len(rows)
+    groups: dict[tuple[int, np.dtype], list[int]] = {}
+    for i, (k, d) in enumerate(zip(ranks, dtypes)):
+        groups.setdefault((k, np.dtype(d)), []).append(i)  # a reduction has one float type
+    for (k, d), idx in groups.items():
+        values = [jnp.asarray(v, d) + (k * anchor).astype(d) for i in idx for v in rows[i]]
+        flat = _reduced(tuple(values)) if _fusible(values) else materialize(*values)
+        start = 0
+        for i in idx:
+            out[i] = tuple(flat[start : start + len(rows[i])])
+            start += len(rows[i])
     return out
 
 

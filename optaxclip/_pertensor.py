@@ -307,7 +307,12 @@ def _spike_statistics(leaves, nus, theta, anchor, reducer):
     # The count and the factor each read their own scalars, or XLA would merge the two
     # kernels' producers into one array.
     rows = [(theta, 0, 1, 1 / np.finfo(wides[j]).tiny) for j in real for _ in (0, 1)]
-    copies = num.own_scalars(rows, [wides[j] for j in real for _ in (0, 1)], anchor)
+    copies = num.own_scalars(
+        rows,
+        [wides[j] for j in real for _ in (0, 1)],
+        anchor,
+        [chunks[j][0].shape for j in real for _ in (0, 1)],
+    )
     counts, mins = [], []
     for j, ((x, v), wide) in enumerate(zip(chunks, wides)):
         if j not in first_copy:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hlo import slice_kernels
 
 import optaxclip as oc
 
@@ -332,6 +333,15 @@ def test_spike_aware_clip_compiles_no_statistics_kernel_per_small_leaf():
         return jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text().count(" fusion(")
 
     assert kernels(40) - kernels(20) <= 2 * 20
+
+
+def test_spike_aware_clip_statistics_read_their_scalars_without_a_slice_kernel_each():
+    # As for clip_by_value: the statistics' copies of their scalars are no kernels of their
+    # own (as slices of one vector, 4 per leaf of at least 8,192 entries).
+    g = {f"l{i}": jnp.ones((64, 128)) for i in range(8)}
+    tx = oc.spike_aware_clip(warmup_steps=0)
+    text = jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text()
+    assert slice_kernels(text) == 0
 
 
 # ---------------------------------------------------------------------------

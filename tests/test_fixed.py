@@ -12,7 +12,7 @@ import optax
 import oracle
 import pytest
 from helpers import DTYPES, enable_x64, make_tree, rtol
-from hlo import entry_fusion_operands
+from hlo import entry_fusion_operands, slice_kernels
 
 import optaxclip as oc
 
@@ -409,6 +409,23 @@ def test_value_clip_statistics_match_oracle(case, maybe_jit):
     assert int(s["clip_by_value/num_nonfinite"]) == (
         case in ("nan_and_clipped", "inf_against_inf_bound")
     )
+
+
+def test_value_clip_statistics_read_their_scalars_without_a_slice_kernel_each():
+    # Each chunk's count reads its own copies of four scalars (else XLA writes the shared
+    # broadcast to memory). As slices of one vector, every slice was a kernel of its own:
+    # 200 of them on a 147-leaf tree, which compiled in 1.9 s against 0.9 s without.
+    grads = {f"l{i:02d}": jnp.full((64, 128), 3.0 if i % 2 else 0.5) for i in range(12)}
+    grads.update({f"m{i}": jnp.full((32, 256), 0.25, jnp.bfloat16) for i in range(3)})
+    tx = oc.clip_by_value(1.0)
+    text = jax.jit(tx.update).lower(grads, tx.init(grads)).compile().as_text()
+    assert slice_kernels(text) == 0
+    out, state = tx.update(grads, tx.init(grads))
+    for k, g in grads.items():
+        np.testing.assert_array_equal(out[k], jnp.minimum(g, 1.0))
+    s = oc.stats(state)
+    np.testing.assert_allclose(s["clip_by_value/clipped"], 6 * 8192 / (12 * 8192 + 3 * 8192))
+    np.testing.assert_allclose(s["clip_by_value/scale"], 1 / 3, rtol=1e-6)
 
 
 def test_value_clip_complex_clips_modulus():
