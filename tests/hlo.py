@@ -146,14 +146,17 @@ def distinct_kernels(text: str, shape: str) -> int:
     return len(bodies)
 
 
-def slice_kernels(text: str) -> int:
+def slice_kernels(text: str, distinct: bool = False) -> int:
     """The fusions, in any computation (branches and loop bodies included: XLA compiles
     them all), that only slice (and bitcast) their operand: a kernel to compile, about 8 ms
-    each on CPU, for what its reader could take as is."""
+    each on CPU, for what its reader could take as is. With ``distinct``, how many different
+    ones (up to names), which is what XLA compiles."""
     computations = _computations(text)
     inst = re.compile(r"= .*? (\w[\w\-]*)\(")
-    count = 0
+    found = []
     for name in re.findall(r" fusion\(.*calls=%([\w.\-]+)", text):
         ops = {m.group(1) for m in map(inst.search, computations[name]) if m}
-        count += "slice" in ops and ops <= {"parameter", "slice", "bitcast"}
-    return count
+        if "slice" in ops and ops <= {"parameter", "slice", "bitcast"}:
+            body = re.sub(r", metadata=\{[^}]*\}", "", "\n".join(computations[name]))
+            found.append(re.sub(r"%?[\w\-]+\.\d+", "x", body))
+    return len(set(found)) if distinct else len(found)

@@ -428,6 +428,28 @@ def test_value_clip_statistics_read_their_scalars_without_a_slice_kernel_each():
     np.testing.assert_allclose(s["clip_by_value/scale"], 1 / 3, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: oc.clip_by_leaf_norm(1.0),
+        lambda: oc.adagc(),
+        lambda: oc.monitor(per_leaf=True),
+    ],
+    ids=["clip_by_leaf_norm", "adagc", "monitor"],
+)
+def test_per_leaf_norms_are_read_without_a_slice_kernel_per_leaf(make):
+    # Each leaf's norm (and, in the rescue loop's body, its scale) is read from a piece of
+    # 16 entries of the flat vector, which XLA compiles once per offset: as a slice of the
+    # whole vector, each was a kernel of its own (monitor(per_leaf=True) over 2,000 small
+    # leaves compiled in 45 s, 17 s from pieces; adagc in 36 s, 19 s).
+    def distinct(n):
+        g = {f"l{i:03d}": jnp.ones((64, 128)) for i in range(n)}
+        tx = make()
+        return slice_kernels(jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text(), True)
+
+    assert distinct(60) - distinct(20) <= 8
+
+
 def test_value_clip_complex_clips_modulus():
     got, _ = _update(oc.clip_by_value(1.0), {"z": jnp.array([3 + 4j, 0.5j], jnp.complex64)})
     np.testing.assert_allclose(got["z"], [0.6 + 0.8j, 0.5j], rtol=1e-6)
