@@ -1314,6 +1314,7 @@ def materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
 
 _PIECE = 16
 _BLOCK = 256
+_WINDOWS_PER_KERNEL = 32
 
 
 def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) -> list[tuple]:
@@ -1324,10 +1325,13 @@ def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) 
     entries, 1.7 s from 256 and 6 s from 1,024; reading 16 entries, 0.6 s from 272 and
     8.7 s from 16,000. So spans of up to ``_PIECE`` entries read from a block of their
     own: the block of ``_BLOCK`` entries (plus ``_PIECE`` of overlap, so no such span
-    crosses two) that holds them, made an array of its own by one sort (XLA never fuses
-    it), only where some span starts; one-entry spans (a leaf of one unit), which cost
-    more, from a piece of ``_PIECE`` entries made the same way. Longer spans slice the
-    vector.
+    crosses two) that holds them, only where some span starts; one-entry spans (a leaf of
+    one unit), which cost more, from a piece of ``_PIECE`` entries. Longer spans slice the
+    vector. The windows are outputs of variadic reductions (:func:`_reduced`) of up to
+    ``_WINDOWS_PER_KERNEL`` windows each, which compute their slices in the same kernel (as
+    operands of one sort, each slice was a kernel: monitor(per_leaf=True) over 2,000 small
+    leaves compiled in 14.3 s instead of 17.8 s, ``clip_by_leaf_norm`` 5.6 s instead of
+    7.0 s); complex vectors still go through a sort.
     """
     n = int(jnp.shape(vectors[0])[0])
     if n <= _PIECE or any(_explicitly_sharded(v) for v in vectors):
@@ -1341,7 +1345,21 @@ def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) 
         windows = sorted({s // stride for s in starts})
         pad = max(max(w * stride + width for w in windows) - n, 0)
         padded = [jnp.pad(v, (0, pad)) for v in vectors]
-        flat = _through_sort([v[w * stride : w * stride + width] for v in padded for w in windows])
+        parts = [
+            lax.slice(v, (w * stride,), (w * stride + width,)) for v in padded for w in windows
+        ]
+        if _fusible(parts):  # the windows' slices fused into a few kernels, per dtype
+            flat: list[Any] = [None] * len(parts)
+            by_dtype: dict[Any, list[int]] = {}
+            for i, part in enumerate(parts):
+                by_dtype.setdefault(part.dtype, []).append(i)
+            for idx in by_dtype.values():
+                for g in range(0, len(idx), _WINDOWS_PER_KERNEL):
+                    group = idx[g : g + _WINDOWS_PER_KERNEL]
+                    for i, out in zip(group, _reduced(tuple(parts[i] for i in group))):
+                        flat[i] = out
+        else:  # complex vectors
+            flat = _through_sort(parts)
         k = len(windows)
         return {
             w: tuple(flat[j * k + i] for j in range(len(vectors))) for i, w in enumerate(windows)

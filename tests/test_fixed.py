@@ -441,13 +441,14 @@ def test_per_leaf_norms_are_read_without_a_slice_kernel_per_leaf(make):
     # Each leaf's norm (and, in the rescue loop's body, its scale) is read from a piece of
     # 16 entries of the flat vector, which XLA compiles once per offset: as a slice of the
     # whole vector, each was a kernel of its own (monitor(per_leaf=True) over 2,000 small
-    # leaves compiled in 45 s, 17 s from pieces; adagc in 36 s, 19 s).
+    # leaves compiled in 45 s, 17 s from pieces; adagc in 36 s, 19 s). The pieces are cut
+    # inside a few reductions, not by a slice each.
     def distinct(n):
         g = {f"l{i:03d}": jnp.ones((64, 128)) for i in range(n)}
         tx = make()
         return slice_kernels(jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text(), True)
 
-    assert distinct(60) - distinct(20) <= 8
+    assert distinct(60) == distinct(20)
 
 
 def test_value_clip_complex_clips_modulus():
