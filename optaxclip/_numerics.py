@@ -881,15 +881,11 @@ class _FlatUnits:
             start += math.prod(self.shapes[i])
         self.size = start
 
-    def take(self, vector: jax.Array, i: int) -> jax.Array:
-        """Leaf i's units of a flat vector, in its ``keepdims`` shape."""
-        start, shape = self.offsets[i], self.shapes[i]
-        return vector[start : start + math.prod(shape)].reshape(shape)
-
     def take_all(self, vectors: Sequence[jax.Array], idx: Sequence[int]) -> list[tuple]:
-        """:meth:`take` of each vector for each leaf in ``idx``, from pieces of the vectors
-        (:func:`leaf_pieces`): a slice per leaf was a kernel per leaf, 194 to read the
-        per-leaf norms of a 147-leaf tree and 52 in the rescue loop's body."""
+        """Each leaf's units (for each leaf in ``idx``) of each flat vector, in the leaf's
+        ``keepdims`` shape, read from pieces of the vectors (:func:`leaf_pieces`): as a slice
+        of the vector per leaf, each was a kernel of its own, 194 to read the per-leaf norms
+        of a 147-leaf tree and 52 in the rescue loop's body."""
         spans = [(self.offsets[i], math.prod(self.shapes[i])) for i in idx]
         return [
             tuple(v.reshape(self.shapes[i]) for v in piece)

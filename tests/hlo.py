@@ -139,11 +139,14 @@ def distinct_kernels(text: str, shape: str) -> int:
     ``shape`` call, up to the names of instructions and computations: the kernels XLA has
     to compile for that shape, when it compiles identical ones once."""
     computations = _computations(text)
-    bodies = set()
-    for name in set(_fusions_of_shape(text, shape)):
-        body = re.sub(r", metadata=\{[^}]*\}", "", "\n".join(computations[name]))
-        bodies.add(re.sub(r"%?[\w\-]+\.\d+", "x", body))
-    return len(bodies)
+    return len({_anonymous(computations[name]) for name in set(_fusions_of_shape(text, shape))})
+
+
+def _anonymous(lines: list[str]) -> str:
+    """A computation's instructions without metadata or the numbered names of instructions
+    and computations: equal for kernels that XLA compiles once."""
+    body = re.sub(r", metadata=\{[^}]*\}", "", "\n".join(lines))
+    return re.sub(r"%?[\w\-]+\.\d+", "x", body)
 
 
 def slice_kernels(text: str, distinct: bool = False) -> int:
@@ -157,6 +160,5 @@ def slice_kernels(text: str, distinct: bool = False) -> int:
     for name in re.findall(r" fusion\(.*calls=%([\w.\-]+)", text):
         ops = {m.group(1) for m in map(inst.search, computations[name]) if m}
         if "slice" in ops and ops <= {"parameter", "slice", "bitcast"}:
-            body = re.sub(r", metadata=\{[^}]*\}", "", "\n".join(computations[name]))
-            found.append(re.sub(r"%?[\w\-]+\.\d+", "x", body))
+            found.append(_anonymous(computations[name]))
     return len(set(found)) if distinct else len(found)
