@@ -215,8 +215,11 @@ def zero_nonfinite(
         reducer = num.Reducer.build(updates, axis_name, partition_specs)
 
         def count_bad():
-            parts = [num.nonfinite_count(x).astype(np.float32) for x in leaves]
-            bad = reducer.sum(parts) if parts else jnp.zeros((), np.float32)
+            # Small leaves are counted together (the norm's chunks). Counted per leaf, each a
+            # two-operand reduction, the update compiled in 7.7 s over 999 leaves (now 1.6 s).
+            chunks, red = reducer.chunks(leaves)
+            parts = [num.nonfinite_count(x).astype(np.float32) for x in chunks]
+            bad = red.sum(parts) if parts else jnp.zeros((), np.float32)
             total = reducer.count([x.size for x in leaves])
             return bad / jnp.maximum(jnp.asarray(total, np.float32), 1)
 
@@ -303,7 +306,7 @@ def error_if_nonfinite(
         leaves = [jnp.asarray(x) for _, x in with_paths]
 
         def flags():
-            return jnp.stack([num.nonfinite_count(x) == 0 for x in leaves])
+            return jnp.stack([num.all_finite(x) for x in leaves])
 
         def report(leaf_flags):
             raise FloatingPointError(_nonfinite_message(paths, [bool(f) for f in leaf_flags]))

@@ -1594,6 +1594,22 @@ def nonfinite_count(x: jax.Array) -> jax.Array:
     return n_nan + n_inf
 
 
+def all_finite(x: jax.Array) -> jax.Array:
+    """Whether every entry of ``x`` is finite, as one plain sum: ``x - x`` is a zero for a
+    finite entry and NaN for a NaN or an infinity, and the sum of zeros never overflows
+    (``x * 0`` would read a broadcast zero, which XLA shares among the leaves of a shape
+    and keeps in memory).
+
+    A one-operand reduction, which XLA (CPU) compiles once for every leaf of a shape: as
+    :func:`nonfinite_count` per leaf (a two-operand reduction each), the flags of
+    ``error_if_nonfinite`` over 999 leaves took its compile from 2.5 s to 5.2 s.
+    """
+    x = lax.stop_gradient(jnp.asarray(x))
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.ones((), bool)
+    return ~jnp.isnan(jnp.sum(x - x))
+
+
 # Bit operations have no derivative: differentiated, the bit paths are the conversion and
 # the select they stand for (without these rules, gradients through them were zero).
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

@@ -162,3 +162,15 @@ def slice_kernels(text: str, distinct: bool = False) -> int:
         if "slice" in ops and ops <= {"parameter", "slice", "bitcast"}:
             found.append(_anonymous(computations[name]))
     return len(set(found)) if distinct else len(found)
+
+
+def variadic_reductions(text: str) -> int:
+    """The fusions, in any computation (branches and loop bodies included), that hold a
+    reduction of two or more operands: XLA (CPU) emits each with its own loop rather than
+    YNNPACK, and compiles it slowly (about 6 ms a kernel)."""
+    computations = _computations(text)
+    tuple_reduce = re.compile(r"= \(.*?\) reduce\(")
+    return sum(
+        any(tuple_reduce.search(line) for line in computations[name])
+        for name in re.findall(r" fusion\(.*calls=%([\w.\-]+)", text)
+    )

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hlo import variadic_reductions
 
 import optaxclip as oc
 
@@ -135,6 +136,51 @@ def test_zero_nonfinite_keeps_dtypes():
     np.testing.assert_array_equal(out["z"], [0j])
 
 
+def _mixed_bad_tree():
+    """Leaves of several dtypes, small ones (counted together) and large ones (alone),
+    with NaN and infinite entries in some of them."""
+    rng = np.random.default_rng(0)
+    tree = {
+        "big": rng.standard_normal(9000).astype(np.float32),
+        "big_ok": rng.standard_normal((100, 90)).astype(np.float32),
+        "small": [rng.standard_normal(5).astype(np.float32) for _ in range(4)],
+        "half": rng.standard_normal((3, 4)).astype(np.float16),
+        "brain": rng.standard_normal(10000).astype(jnp.bfloat16),
+        "steps": np.arange(6, dtype=np.int32),
+    }
+    tree["big"][[0, 4000, 8999]] = [np.inf, np.nan, -np.inf]
+    tree["small"][2][4] = np.nan
+    tree["half"][1, 1] = np.float16(np.inf)
+    tree["brain"][9999] = np.nan
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def test_zero_nonfinite_counts_across_chunks_and_dtypes(maybe_jit):
+    grads = _mixed_bad_tree()
+    tx = oc.zero_nonfinite()
+    out, state = maybe_jit(tx.update)(grads, tx.init(grads))
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+    bad = sum(int(np.sum(~np.isfinite(x))) for x in leaves)
+    total = sum(x.size for x in leaves)
+    np.testing.assert_allclose(oc.stats(state)["zero_nonfinite/clipped"], bad / total, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(out)):
+        expect = np.where(np.isfinite(np.asarray(x, np.float64)), np.asarray(x, np.float64), 0)
+        assert y.dtype == x.dtype
+        np.testing.assert_array_equal(np.asarray(y, np.float64), expect)
+
+
+@pytest.mark.parametrize("make", [oc.zero_nonfinite, oc.error_if_nonfinite])
+def test_nonfinite_guards_compile_no_two_operand_reduction_per_leaf(make):
+    # A count per leaf as a two-operand reduction compiled slowly: zero_nonfinite over 999
+    # leaves took 7.7 s to compile (1.6 s now), error_if_nonfinite 5.2 s (2.4 s).
+    def reductions(n):
+        g = {f"w{i}": jnp.ones((16, 8)) for i in range(n)} | {"b": jnp.ones(9000)}
+        tx = make()
+        return variadic_reductions(jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text())
+
+    assert reductions(20) == reductions(60)
+
+
 # ---------------------------------------------------------------------------
 # error_if_nonfinite
 # ---------------------------------------------------------------------------
@@ -158,6 +204,17 @@ def test_error_if_nonfinite_raises_under_jit_naming_leaf_paths():
         out, _ = jax.jit(tx.update)(grads, tx.init(grads))
         jax.block_until_ready(out)
     assert "FloatingPointError" in str(info.value) or isinstance(info.value, FloatingPointError)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_error_if_nonfinite_names_exactly_the_bad_leaves_of_every_dtype(jit):
+    grads = _mixed_bad_tree()
+    tx = oc.error_if_nonfinite()
+    update = jax.jit(tx.update) if jit else tx.update
+    expected = "in 4 of 9 leaves: 'big', 'brain', 'half', 'small/2'\\."
+    with pytest.raises(Exception, match=expected):
+        out, _ = update(grads, tx.init(grads))
+        jax.block_until_ready(out)
 
 
 def test_error_if_nonfinite_is_silent_and_identity_on_finite_input(maybe_jit):

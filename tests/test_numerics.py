@@ -559,3 +559,15 @@ def test_nonfinite_count_writes_no_mask_to_memory():
     if analysis is None:
         pytest.skip("this backend reports no memory analysis")
     assert analysis.temp_size_in_bytes < 0.05 * x.nbytes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.complex64])
+@pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan])
+def test_all_finite_matches_isfinite(dtype, bad, maybe_jit):
+    x = np.linspace(-3e4, 6e4, 9000).reshape(90, 100)
+    if bad is not None:
+        x[89, 99] = bad
+    x = jnp.asarray(x, dtype)  # float16: 6e4 stays finite, 65520 and above would not
+    expect = bool(np.all(np.isfinite(np.asarray(x.astype(jnp.complex64)))))
+    assert bool(maybe_jit(num.all_finite)(x)) is expect
+    assert bool(maybe_jit(num.all_finite)(jnp.arange(5))) is True
