@@ -1079,8 +1079,38 @@ def combine(units: Sequence[Norm], ord: Any, keep: Sequence[tuple[str, ...]] | N
 
     ``keep[i]``: the mesh axes over which leaf i's units differ (its kept dimensions are
     sharded there); those units are combined across the devices as well, each once.
+
+    Norms from :func:`unit_pairs` are combined from the flat vector they were sliced from
+    (:class:`UnitNorms`), not from their slices concatenated back: XLA's fusion pass took
+    5.2 s over the 999 slices of ``monitor(per_leaf=True)`` on a 999-leaf tree.
     """
+    flat = getattr(units, "flat", None)
+    if flat is not None and not (keep and any(keep)):
+        on_vector = set(flat.order)
+        units = [flat.norm] + [u for i, u in enumerate(units) if i not in on_vector]
     return _by_ord(ord, lambda o: _combine_sharded(units, o, keep))
+
+
+def in_leaf_order(units: Sequence[Norm], idx: Sequence[int] | None = None) -> Norm:
+    """The units of leaves ``idx`` (default: all), one leaf after the other (each leaf's
+    units flattened), as one vector.
+
+    From :class:`UnitNorms` whose flat vector holds those leaves, a gather of that vector
+    (one kernel, none when the orders agree), rather than its slices concatenated back (see
+    :func:`combine`); otherwise a concatenation.
+    """
+    idx = list(range(len(units))) if idx is None else list(idx)
+    flat = getattr(units, "flat", None)
+    if flat is None or not set(idx) <= set(flat.order):
+        return Norm(
+            *(jnp.concatenate([jnp.ravel(u) for u in us]) for us in zip(*[units[i] for i in idx]))
+        )
+    counts = {i: int(jnp.size(units[i].r)) for i in flat.order}
+    starts = dict(zip(flat.order, np.cumsum([0, *[counts[i] for i in flat.order]]).tolist()))
+    index = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in idx])
+    if np.array_equal(index, np.arange(flat.norm.r.shape[0])):
+        return flat.norm
+    return Norm(flat.norm.m[index], flat.norm.r[index])
 
 
 def _combine_sharded(units, ord, keep) -> Norm:

@@ -190,10 +190,7 @@ def adagc(
         total = num.combine(norms, 2)
         # Every per-slice quantity as one vector over the slices: a few kernels, not a few
         # per leaf (compile time grows with the number of kernels).
-        per_leaf = num.Norm(
-            jnp.concatenate([jnp.ravel(n.m) for n in norms]),
-            jnp.concatenate([jnp.ravel(n.r) for n in norms]),
-        )
+        per_leaf = num.in_leaf_order(norms)
         offsets = np.cumsum([0] + [math.prod(x.shape[:k]) for x, k in zip(leaves, stacked)])
         value = _f32(total.value)
         ok = total.finite & jnp.isfinite(value)

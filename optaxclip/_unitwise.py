@@ -55,21 +55,6 @@ class AdaptiveGradClipState(NamedTuple):
     stats: ClipStats
 
 
-def _unit_vector(norms: num.UnitNorms, idx: list[int]) -> num.Norm:
-    """The units of leaves ``idx``, one leaf after the other, as one vector: a gather from
-    the flat vector they sit on (one kernel), else a concatenation."""
-    flat = norms.flat
-    if flat is not None and set(idx) <= set(flat.order):
-        counts = [int(jnp.size(norms[i].r)) for i in flat.order]
-        starts = dict(zip(flat.order, np.cumsum([0, *counts[:-1]]).tolist()))
-        pick = np.concatenate(
-            [np.arange(starts[i], starts[i] + int(jnp.size(norms[i].r))) for i in idx]
-        )
-        return num.Norm(flat.norm.m[pick], flat.norm.r[pick])
-    picked = [norms[i] for i in idx]
-    return num.Norm(*(jnp.concatenate([jnp.ravel(v) for v in vs]) for vs in zip(*picked)))
-
-
 def adaptive_grad_clip(
     clipping: Any = 0.01,
     *,
@@ -234,8 +219,8 @@ def adaptive_grad_clip(
         factors: list = [None] * n
         parts, part_norms, part_keep = [], [], []
         if together:
-            g_vec = _unit_vector(norms, together)
-            p_vec = _unit_vector(norms, [n + i for i in together])
+            g_vec = num.in_leaf_order(norms, together)
+            p_vec = num.in_leaf_order(norms, [n + i for i in together])
             vec_factors = num.clip_factors(g_vec, limit(p_vec))
             counts = [units(i) for i in together]
             starts = np.cumsum([0, *counts[:-1]]).tolist()

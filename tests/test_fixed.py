@@ -451,6 +451,45 @@ def test_per_leaf_norms_are_read_without_a_slice_kernel_per_leaf(make):
     assert distinct(60) == distinct(20)
 
 
+def _one_entry_concatenations(closed_jaxpr) -> list[int]:
+    """For each ``concatenate`` in the jaxpr (sub-jaxprs included), how many of its operands
+    hold a single entry."""
+    found = []
+
+    def walk(jaxpr):
+        jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # a ClosedJaxpr's own
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "concatenate":
+                found.append(sum(v.aval.size == 1 for v in eqn.invars))
+            for value in eqn.params.values():  # loop bodies, branches, custom rules
+                for sub in value if isinstance(value, (tuple, list)) else [value]:
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: oc.clip_by_leaf_norm(1.0),
+        lambda: oc.adagc(),
+        lambda: oc.monitor(per_leaf=True),
+        lambda: oc.adaptive_grad_clip(0.01),
+    ],
+    ids=["clip_by_leaf_norm", "adagc", "monitor", "adaptive_grad_clip"],
+)
+def test_per_leaf_norms_are_not_concatenated_back_into_a_vector(make):
+    # The per-leaf norms are slices of one flat vector. Concatenating the slices back (for
+    # the total norm of monitor and adagc, and adagc's per-leaf vector) made XLA's fusion
+    # pass take 5.2 s over 999 leaves: monitor(per_leaf=True) compiled in 10 s, now 3 s.
+    g = {f"w{i:02d}": jnp.ones((16, 8)) for i in range(30)} | {"b": jnp.ones(9000)}
+    tx = make()
+    jaxpr = jax.make_jaxpr(tx.update)(g, tx.init(g), g)
+    assert max(_one_entry_concatenations(jaxpr), default=0) <= 2
+
+
 def test_value_clip_complex_clips_modulus():
     got, _ = _update(oc.clip_by_value(1.0), {"z": jnp.array([3 + 4j, 0.5j], jnp.complex64)})
     np.testing.assert_allclose(got["z"], [0.6 + 0.8j, 0.5j], rtol=1e-6)
