@@ -1444,7 +1444,7 @@ _MARK = {2: 0x7E5A, 4: 0x7FC5A5A5, 8: 0x7FF8A5A5A5A5A5A5}
 
 
 def _bitwise(dtype: np.dtype) -> bool:
-    """Booleans and integers, which :func:`_reduced` combines by a bitwise or with 0."""
+    """Booleans and integers, whose mark in :func:`_reduced` is 0, compared as they are."""
     return dtype == np.bool_ or jnp.issubdtype(dtype, jnp.integer)
 
 
@@ -1460,7 +1460,9 @@ def _keep_value(a: jax.Array, b: jax.Array) -> jax.Array:
     the order, ``[v, mark]`` from ``mark`` reduces to ``v``'s bits (a ``v`` with the mark's
     bits gives the same bits); no arithmetic, so nothing is flushed or canonicalised."""
     if _bitwise(a.dtype):
-        return lax.bitwise_or(a, b)
+        # Not a bitwise or with 0, which XLA's simplifier folds away with the reduction:
+        # the values' computation was then fused into every kernel that read them.
+        return lax.select(b == _mark(a.dtype), a, b)
     unsigned = _UNSIGNED[a.dtype.itemsize]
     is_mark = lax.bitcast_convert_type(b, unsigned) == _mark(a.dtype).view(unsigned)
     return lax.select(is_mark, a, b)

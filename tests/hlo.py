@@ -174,3 +174,19 @@ def variadic_reductions(text: str) -> int:
         any(tuple_reduce.search(line) for line in computations[name])
         for name in re.findall(r" fusion\(.*calls=%([\w.\-]+)", text)
     )
+
+
+def scalar_work(text: str, shape: str) -> int:
+    """The most scalar instructions (other than parameters and constants) in one fusion of
+    the entry computation whose result has ``shape``: scalar work that every such kernel
+    repeats (a decision chain XLA copied into each leaf's kernel), where it could read one
+    precomputed scalar. Each instruction adds to the compile time of every leaf."""
+    computations = _computations(text)
+    scalar = re.compile(r"= \w+\[\] (?!parameter|constant)")
+    return max(
+        [
+            sum(bool(scalar.search(line)) for line in computations[name])
+            for name in _fusions_of_shape(text, shape)
+        ]
+        + [0]
+    )

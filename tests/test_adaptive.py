@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hlo import slice_kernels
+from hlo import scalar_work, slice_kernels
 
 import optaxclip as oc
 
@@ -448,3 +448,13 @@ def test_vmap_over_runs_equals_each_run_alone(name):
             expected, alone[i] = single(jax.tree.map(lambda x, i=i: x[i], g), alone[i])
             chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], out), expected, rtol=1e-5)
     assert int(jnp.sum(batched.stats.num_clipped)) > 0
+
+
+def test_spike_aware_clip_kernels_read_the_gate_as_one_scalar():
+    # The gate (warm-up and a finite norm) is computed once: copied into each leaf's two
+    # kernels, XLA's copy insertion took 5 s over 999 leaves (the update compiled in 9.8 s,
+    # now 6.9 s).
+    g = {f"w{i}": jnp.ones((16, 8)) for i in range(3)}
+    tx = oc.spike_aware_clip()
+    text = jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text()
+    assert scalar_work(text, "f32[16,8]") == 0

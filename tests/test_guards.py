@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hlo import variadic_reductions
+from hlo import scalar_work, variadic_reductions
 
 import optaxclip as oc
 
@@ -134,6 +134,27 @@ def test_zero_nonfinite_keeps_dtypes():
     out, _ = tx.update(grads, tx.init(grads))
     assert out["h"].dtype == jnp.float16 and out["z"].dtype == jnp.complex64
     np.testing.assert_array_equal(out["z"], [0j])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        oc.skip_nonfinite,
+        oc.skip_spikes,
+        lambda: oc.skip_nonfinite(optax.adam(1e-3)),
+        lambda: oc.skip_spikes(optax.adam(1e-3)),
+    ],
+    ids=["skip_nonfinite", "skip_spikes", "skip_nonfinite(adam)", "skip_spikes(adam)"],
+)
+def test_guards_decide_once_not_in_every_leaf_kernel(make):
+    # The skip decision is computed once and read by each leaf's kernels. XLA had folded the
+    # reduction meant to keep it apart (a bitwise or with 0), and copied skip_spikes' chain
+    # (17 scalar instructions) into every kernel: 999 leaves with Adam compiled in 11 s,
+    # now 8 s.
+    g = {f"w{i}": jnp.ones((16, 8)) for i in range(3)}
+    tx = make()
+    text = jax.jit(tx.update).lower(g, tx.init(g), g).compile().as_text()
+    assert scalar_work(text, "f32[16,8]") <= 2
 
 
 def _mixed_bad_tree():
