@@ -1661,9 +1661,9 @@ def all_finite(x: jax.Array) -> jax.Array:
     (``x * 0`` would read a broadcast zero, which XLA shares among the leaves of a shape
     and keeps in memory).
 
-    A one-operand reduction, which XLA (CPU) compiles once for every leaf of a shape: as
-    :func:`nonfinite_count` per leaf (a two-operand reduction each), the flags of
-    ``error_if_nonfinite`` over 999 leaves took its compile from 2.5 s to 5.2 s.
+    A one-operand reduction, which XLA (CPU) compiles once for every leaf of a shape. With
+    :func:`nonfinite_count` per leaf (a two-operand reduction each) for its flags,
+    ``error_if_nonfinite`` over 999 leaves compiled in 5.2 s; 2.4 s this way.
     """
     x = lax.stop_gradient(jnp.asarray(x))
     if not jnp.issubdtype(x.dtype, jnp.inexact):
