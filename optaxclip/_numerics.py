@@ -1219,13 +1219,10 @@ def unit_clip(
     parts = []
     given = getattr(norms, "flat", None)
     if given is not None and set(given.order) <= set(flat):
-        flat, vec = list(given.order), given.norm  # the norms' own vector: no concatenation
+        flat = list(given.order)  # in the norms' own order: their vector, no gather
         rest = [i for i in range(n) if i not in set(flat)]
-    elif flat:
-        vec = Norm(
-            *(jnp.concatenate([jnp.ravel(u) for u in us]) for us in zip(*[norms[i] for i in flat]))
-        )
     if flat:
+        vec = in_leaf_order(norms, flat)
         counts = [int(jnp.size(norms[i].r)) for i in flat]
         unit_sizes = np.concatenate([np.full(k, sizes[i]) for k, i in zip(counts, flat)])
         p, q, clipped = materialize(*clip_factors(vec, limits_for(unit_sizes)))
@@ -1393,9 +1390,11 @@ def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) 
     # Longer spans are read at an offset that is a runtime scalar of its own, so the kernels
     # that read spans of one length are one compiled kernel (see the docstring).
     longer = [i for i, (_, count) in enumerate(spans) if count > _PIECE]
-    # Unsigned, so the slice needs no wrapping of negative offsets in every reader.
-    zero = lax.optimization_barrier(jnp.zeros((), np.uint32))  # no constant folding past it
-    offsets = _copies([jnp.uint32(spans[i][0]) + zero for i in longer])
+    offsets = []
+    if longer:
+        # Unsigned, so the slice needs no wrapping of negative offsets in every reader.
+        zero = lax.optimization_barrier(jnp.zeros((), np.uint32))  # no folding past it
+        offsets = _copies([jnp.uint32(spans[i][0]) + zero for i in longer])
     own = {
         i: tuple(lax.dynamic_slice(v, (offset,), (spans[i][1],)) for v in vectors)
         for i, offset in zip(longer, offsets)
