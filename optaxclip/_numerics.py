@@ -1402,7 +1402,7 @@ def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) 
     out = []
     for i, (start, count) in enumerate(spans):
         if i in own:
-            out.append(tuple(own[i]))
+            out.append(own[i])
             continue
         if count == 1 and singles:
             base, window = start % _PIECE, singles[start // _PIECE]

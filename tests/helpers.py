@@ -264,3 +264,17 @@ def run_json_workers(script: Path, arg_lists: list[list[str]], timeout: int = 60
             proc.kill()
             proc.wait()
     return out
+
+
+def all_eqns(jaxpr) -> list:
+    """Every equation of ``jaxpr`` (a Jaxpr or ClosedJaxpr), and of every jaxpr in its
+    equations' parameters (calls, loop bodies, branches, custom rules), depth first."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    eqns = []
+    for eqn in jaxpr.eqns:
+        eqns.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if hasattr(getattr(sub, "jaxpr", sub), "eqns"):
+                    eqns.extend(all_eqns(sub))
+    return eqns

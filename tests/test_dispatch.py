@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import BATCHED, NOT_TRANSFORMS, TRANSFORMS, make_tree, params_like
+from helpers import BATCHED, NOT_TRANSFORMS, TRANSFORMS, all_eqns, make_tree, params_like
 
 import optaxclip as oc
 
@@ -27,15 +27,7 @@ NAMES = sorted(TRANSFORMS)
 
 
 def _primitives(jaxpr) -> list[str]:
-    names = []
-    for eqn in jaxpr.eqns:
-        names.append(eqn.primitive.name)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    names.extend(_primitives(inner))
-    return names
+    return [eqn.primitive.name for eqn in all_eqns(jaxpr)]
 
 
 def _step_fn(tx):

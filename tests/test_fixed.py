@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import oracle
 import pytest
-from helpers import DTYPES, enable_x64, make_tree, rtol
+from helpers import DTYPES, all_eqns, enable_x64, make_tree, rtol
 from hlo import entry_fusion_operands, slice_kernels
 
 import optaxclip as oc
@@ -451,25 +451,6 @@ def test_per_leaf_norms_are_read_without_a_slice_kernel_per_leaf(make):
     assert distinct(60) == distinct(20)
 
 
-def _one_entry_concatenations(closed_jaxpr) -> list[int]:
-    """For each ``concatenate`` in the jaxpr (sub-jaxprs included), how many of its operands
-    hold a single entry."""
-    found = []
-
-    def walk(jaxpr):
-        jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # a ClosedJaxpr's own
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "concatenate":
-                found.append(sum(v.aval.size == 1 for v in eqn.invars))
-            for value in eqn.params.values():  # loop bodies, branches, custom rules
-                for sub in value if isinstance(value, (tuple, list)) else [value]:
-                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        walk(sub)
-
-    walk(closed_jaxpr.jaxpr)
-    return found
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -487,7 +468,12 @@ def test_per_leaf_norms_are_not_concatenated_back_into_a_vector(make):
     g = {f"w{i:02d}": jnp.ones((16, 8)) for i in range(30)} | {"b": jnp.ones(9000)}
     tx = make()
     jaxpr = jax.make_jaxpr(tx.update)(g, tx.init(g), g)
-    assert max(_one_entry_concatenations(jaxpr), default=0) <= 2
+    one_entry = [
+        sum(v.aval.size == 1 for v in eqn.invars)
+        for eqn in all_eqns(jaxpr)
+        if eqn.primitive.name == "concatenate"
+    ]
+    assert max(one_entry, default=0) <= 2
 
 
 def test_value_clip_complex_clips_modulus():
