@@ -13,11 +13,11 @@ Three sections:
   ``chain(optax.clip_by_global_norm(1.0), adam)`` on transformer-like trees of about 100,
   1,000 and 5,000 leaves (12 leaves per layer of d=32, plus embedding and final norm). Each
   round compiles Adam and our chain; the ratio is the median of the rounds' ratios (9 rounds
-  at 100 leaves, 3 at 1,000, 1 at 5,000). At 100 and 1,000 leaves the first round compiles
+  at 100 leaves, 3 at 1,000, 2 at 5,000). At 100 and 1,000 leaves the first round compiles
   the reference programs (only there), then our chain, then Adam; later rounds shuffle the
-  two. At 5,000 leaves the two compile at the same time, one process per core (see
-  ``bench_compile``). Each compilation starts from fresh transformations (nothing is
-  cached; the persistent cache is off).
+  two. At 5,000 leaves the two compile at the same time, one process per core, and swap
+  cores in the second round (see ``bench_compile``). Each compilation starts from fresh
+  transformations (nothing is cached; the persistent cache is off).
   optax's chain is skipped at 5,000 leaves: it takes about 17 minutes there. A reference
   program, ``chain(x * runtime scalar, adam)``, multiplies every leaf by a scalar held in
   the state before Adam: the compile time any clipper adds by scaling alone, with no norm
@@ -82,7 +82,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_perf.json"
 SECTIONS = ("compile", "memory", "dispatch")
 
 COMPILE_LEAVES = {"full": (100, 1000, 5000), "quick": (24, 40)}
-COMPILE_REPS = {100: 9, 1000: 3, 5000: 1, 24: 1, 40: 1}  # paired rounds (see bench_compile)
+COMPILE_REPS = {100: 9, 1000: 3, 5000: 2, 24: 1, 40: 2}  # paired rounds (see bench_compile)
 # Sizes whose round compiles Adam and our chain at the same time, one process per core.
 CONCURRENT = {5000, 40}
 MEMORY_STEPS = 20
@@ -230,14 +230,18 @@ def bench_compile(quick: bool) -> dict[str, Any]:
     the next, and the two programs of a round move together (paired ratios of 5 rounds at
     999 leaves spread over 1.25-1.38x, single ratios up to 1.56x). At 100 and 1,000 leaves,
     the first round compiles the reference programs (only there), then our chain, then
-    Adam; later rounds compile the two in a shuffled order. At 5,000 leaves, the one round
+    Adam; later rounds compile the two in a shuffled order. At 5,000 leaves, each round
     compiles the two at the same time, in two processes pinned to one core each (XLA
     compiles a program on one thread): the round takes the longer of the two instead of
     their sum (3-4 minutes on this VM), both programs see the same state of the VM, and
     neither runs alone at the end, as the process that finishes first compiles its program
-    again until the other is done. On this VM Adam compiled about as fast at once as alone
-    (999 leaves: 5.5 s against 5.4-5.6 s; 4,995: 66 s against 64-66 s); on an earlier VM
-    both ran about 25% slower at once.
+    again until the other is done. The second round swaps the cores. On this VM Adam
+    compiled about as fast at once as alone (999 leaves: 5.5 s against 5.4-5.6 s; 4,995:
+    66 s against 64-66 s); on an earlier VM both ran about 25% slower at once. One round
+    at 4,995 leaves is a poor sample: four rounds in a row, of one commit, read 1.29x,
+    1.39x, 1.14x and 1.09x, while Adam's own compile took 52-74 s (most of both compiles
+    is spent in XLA passes that are quadratic in the ~15,000 kernels, waiting on memory).
+    Two rounds, and the median of their two ratios, cost 80 s more than one.
     """
     out: dict[str, Any] = {}
     rng = np.random.default_rng(SEED)
@@ -256,10 +260,13 @@ def bench_compile(quick: bool) -> dict[str, Any]:
         ]
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
         rounds = COMPILE_REPS.get(n, 1)
+        orders = []
         for r in range(rounds):
             if concurrent:
                 gc.collect()
-                for name, times in _concurrent_round(names, n).items():
+                # Round by round, each program on the other core (cores follow the order).
+                orders.append(names[:: 1 - 2 * (r % 2)])
+                for name, times in _concurrent_round(orders[-1], n).items():
                     runs[name].append(times)
                     lower, comp = times
                     print(
@@ -298,12 +305,20 @@ def bench_compile(quick: bool) -> dict[str, Any]:
             "params": int(sum(np.prod(s) for s in shapes.values())),
             "reps": rounds,
             "concurrent": concurrent,
+            "core_orders": orders,  # at once: per round, the programs on cores 0, 1, ...
             "programs": res,
             "skipped": [k for k in CHAIN_PROGRAMS if k not in names],
             "target": TARGETS["compile"],
             "met": res[OURS]["vs_adam"] <= TARGETS["compile"],
         }
     return out
+
+
+def _rounds_note(size: dict[str, Any], program: dict[str, Any]) -> str:
+    """Each round's ratio, where the programs compiled at once (few rounds, noisy)."""
+    if not size["concurrent"] or program is size["programs"].get("adam"):
+        return ""
+    return " (" + ", ".join(f"{x:.2f}" for x in program["paired_vs_adam"]) + ")"
 
 
 def compile_table(section: dict[str, Any]) -> str:
@@ -317,7 +332,7 @@ def compile_table(section: dict[str, Any]) -> str:
                     f"{p['lower_s']:.2f}",
                     f"{p['compile_s']:.2f}",
                     f"{p['total_s']:.2f}",
-                    f"{p['vs_adam']:.2f}",
+                    f"{p['vs_adam']:.2f}" + _rounds_note(r, p),
                     ("yes" if r["met"] else "**no**") if name == OURS else "",
                 ]
             )

@@ -104,6 +104,15 @@ def test_run_quick_writes_every_section(tmp_path):
         assert 0 <= program["temp_over_largest_leaf"] < dispatch["no_leaf_copy_below"], name
     for program in perf["memory"]["programs"].values():
         assert program["steps_peak_rss_bytes"] > program["grad_bytes"]
+    # Programs compiled at once swap cores from one round to the next.
+    at_once = [s for s in perf["compile"].values() if s["concurrent"]]
+    assert at_once and all(s["reps"] == len(s["core_orders"]) >= 2 for s in at_once)
+    for size in at_once:
+        first, second = size["core_orders"][:2]
+        assert sorted(first) == ["adam", "chain(oc.clip_by_global_norm, adam)"]
+        assert second == first[::-1]
+        ours = size["programs"]["chain(oc.clip_by_global_norm, adam)"]
+        assert len(ours["paired_vs_adam"]) == size["reps"]
 
 
 def test_bench_perf_rejects_bad_sections():
