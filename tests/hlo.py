@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
+
+import jax
+
+
+def update_hlo(tx: Any, updates: Any, params: Any = None, *, state: Any = None) -> str:
+    """The compiled HLO text of ``jax.jit(tx.update)`` on ``updates``.
+
+    ``state`` defaults to ``tx.init(params)`` (``tx.init(updates)`` without ``params``);
+    ``params`` is passed to the update when given.
+    """
+    if state is None:
+        state = tx.init(updates if params is None else params)
+    args = (updates, state) if params is None else (updates, state, params)
+    return jax.jit(tx.update).lower(*args).compile().as_text()
 
 
 def _size(shape: str) -> int:

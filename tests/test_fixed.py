@@ -12,7 +12,7 @@ import optax
 import oracle
 import pytest
 from helpers import DTYPES, all_eqns, enable_x64, make_tree, rtol
-from hlo import entry_fusion_operands, slice_kernels
+from hlo import entry_fusion_operands, slice_kernels, update_hlo
 
 import optaxclip as oc
 
@@ -418,7 +418,7 @@ def test_value_clip_statistics_read_their_scalars_without_a_slice_kernel_each():
     grads = {f"l{i:02d}": jnp.full((64, 128), 3.0 if i % 2 else 0.5) for i in range(12)}
     grads.update({f"m{i}": jnp.full((32, 256), 0.25, jnp.bfloat16) for i in range(3)})
     tx = oc.clip_by_value(1.0)
-    text = jax.jit(tx.update).lower(grads, tx.init(grads)).compile().as_text()
+    text = update_hlo(tx, grads)
     assert slice_kernels(text) == 0
     out, state = tx.update(grads, tx.init(grads))
     for k, g in grads.items():
@@ -446,7 +446,7 @@ def test_per_leaf_norms_are_read_without_a_slice_kernel_per_leaf(make):
     def distinct(n):
         g = {f"l{i:03d}": jnp.ones((64, 128)) for i in range(n)}
         tx = make()
-        return slice_kernels(jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text(), True)
+        return slice_kernels(update_hlo(tx, g), True)
 
     assert distinct(60) == distinct(20)
 
@@ -500,7 +500,7 @@ def test_leaf_kernels_read_their_factors_from_small_pieces(name):
     # output kernel reads the leaf and pieces of at most 16 factors.
     tx = getattr(oc, name)(1.0)
     grads = {f"l{i:02d}": jnp.full((8,), float(i), jnp.float32) for i in range(64)}
-    text = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile().as_text()
+    text = update_hlo(tx, grads, grads)
     kernels = entry_fusion_operands(text, "f32[8]")
     assert len(kernels) == 64
     assert all(max(n for n in sizes if n != 8) <= 16 for sizes in kernels), kernels
@@ -517,7 +517,7 @@ def test_adagc_leaf_kernels_read_their_factors_from_small_pieces():
     grads = {f"l{i:02d}": jnp.full((8,), float(i + 1), jnp.float32) for i in range(64)}
     tx = oc.adagc(clip_ratio=2.0, warmup_steps=0)
     state = tx.init(grads)._replace(gamma=jnp.arange(1, 65, dtype=jnp.float32) / 4)
-    text = jax.jit(tx.update).lower(grads, state).compile().as_text()
+    text = update_hlo(tx, grads, state=state)
     kernels = entry_fusion_operands(text, "f32[8]")
     assert len(kernels) == 64
     assert all(max(n for n in sizes if n != 8) <= 16 for sizes in kernels), kernels

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hlo import scalar_work, variadic_reductions
+from hlo import scalar_work, update_hlo, variadic_reductions
 
 import optaxclip as oc
 
@@ -153,7 +153,7 @@ def test_guards_decide_once_not_in_every_leaf_kernel(make):
     # now 8 s.
     g = {f"w{i}": jnp.ones((16, 8)) for i in range(3)}
     tx = make()
-    text = jax.jit(tx.update).lower(g, tx.init(g), g).compile().as_text()
+    text = update_hlo(tx, g, g)
     assert scalar_work(text, "f32[16,8]") <= 2
 
 
@@ -197,7 +197,7 @@ def test_nonfinite_guards_compile_no_two_operand_reduction_per_leaf(make):
     def reductions(n):
         g = {f"w{i}": jnp.ones((16, 8)) for i in range(n)} | {"b": jnp.ones(9000)}
         tx = make()
-        return variadic_reductions(jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text())
+        return variadic_reductions(update_hlo(tx, g))
 
     assert reductions(20) == reductions(60)
 

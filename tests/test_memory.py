@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from helpers import TRANSFORMS
-from hlo import entry_fusion_operands
+from hlo import entry_fusion_operands, update_hlo
 
 import optaxclip as oc
 
@@ -203,7 +203,7 @@ def test_bfloat16_update_fuses_into_adams_kernels(name):
 
     def kernels(tx):
         with jax.numpy_dtype_promotion("standard"):
-            text = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile().as_text()
+            text = update_hlo(tx, grads, grads)
         return len(entry_fusion_operands(text, "bf16[256,80]"))
 
     chained = kernels(optax.chain(TRANSFORMS[name].make(), optax.adam(1e-3)))

@@ -15,6 +15,7 @@ from hlo import (
     entry_fusion_operands,
     entry_fusion_sizes,
     largest_fusion,
+    update_hlo,
     while_body_sizes,
 )
 
@@ -196,7 +197,7 @@ def test_small_leaves_of_several_units_are_clipped_on_one_vector():
     # leaves compiled in 105 s). 40 kernels of 12 units and 40 biases: 520 factors.
     tx = oc.adaptive_grad_clip(3.0)
     grads, params = _small_leaves(40, 0), _small_leaves(40, 1, scale=0.3)
-    text = jax.jit(tx.update).lower(grads, tx.init(params), params).compile().as_text()
+    text = update_hlo(tx, grads, params)
     entry = text[text.index("\nENTRY") :]
     assert entry.count(" fusion(") <= 4 * 80, entry.count(" fusion(")  # about 40 a kernel apart
     # Each kernel's output reads the leaf and a block of at most 256 + 16 factors (a kernel
@@ -221,7 +222,7 @@ def test_factors_are_computed_once_per_unit_not_per_entry():
     # per unit), XLA ran the chain once per entry: 1.18x optax on a (32000, 320) embedding.
     tx = oc.adaptive_grad_clip(1.0)
     grads, params = _tree([(96, 128), (128, 96)], 0), _tree([(96, 128), (128, 96)], 1)
-    text = jax.jit(tx.update).lower(grads, tx.init(params), params).compile().as_text()
+    text = update_hlo(tx, grads, params)
     for shape in ("f32[96,128]", "f32[128,96]"):
         sizes = entry_fusion_sizes(text, shape)
         assert len(sizes) == 1 and sizes[0] <= 10, (shape, sizes)  # about 40 fused
@@ -237,7 +238,7 @@ def test_large_leaves_add_a_few_kernels_each():
 
     def kernels(n):
         grads = _tree([(96, 128)] * n, 0)
-        text = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile().as_text()
+        text = update_hlo(tx, grads, grads)
         entry = text[text.index("\nENTRY") :]
         return len(
             re.findall(r" (?:fusion|sort|while|conditional|copy|concatenate|gather)\(", entry)
@@ -254,7 +255,7 @@ def test_leaves_of_one_shape_share_their_compiled_kernels():
 
     def distinct(n):
         grads = _tree([(96, 128)] * n, 0)
-        text = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile().as_text()
+        text = update_hlo(tx, grads, grads)
         return distinct_kernels(text, "f32[96,128]")
 
     assert distinct(3) == distinct(12) == 1
@@ -267,7 +268,7 @@ def test_rescue_loop_does_not_lay_small_leaves_out_again():
 
     def body(n):
         grads = _small_leaves(n, 0)
-        text = jax.jit(tx.update).lower(grads, tx.init(grads), grads).compile().as_text()
+        text = update_hlo(tx, grads, grads)
         return max(while_body_sizes(text))
 
     small, big = body(10), body(60)
