@@ -239,9 +239,9 @@ def bench_compile(quick: bool) -> dict[str, Any]:
     compiled about as fast at once as alone (999 leaves: 5.5 s against 5.4-5.6 s; 4,995:
     66 s against 64-66 s); on an earlier VM both ran about 25% slower at once. One round
     at 4,995 leaves is a poor sample: four rounds in a row, of one commit, read 1.29x,
-    1.39x, 1.14x and 1.09x, while Adam's own compile took 52-74 s (most of both compiles
-    is spent in XLA passes that are quadratic in the ~15,000 kernels, waiting on memory).
-    Two rounds, and the median of their two ratios, cost 80 s more than one.
+    1.39x, 1.14x and 1.09x, while Adam's own compile took 52-74 s (much of both compiles
+    is spent in two XLA algorithms quadratic in the ~15,000 kernels, waiting on memory:
+    see the README). Two rounds, and the median of their two ratios, cost 80 s more.
     """
     out: dict[str, Any] = {}
     rng = np.random.default_rng(SEED)
