@@ -314,11 +314,11 @@ def bench_compile(quick: bool) -> dict[str, Any]:
     return out
 
 
-def _rounds_note(size: dict[str, Any], program: dict[str, Any]) -> str:
+def _rounds_note(size: dict[str, Any], name: str) -> str:
     """Each round's ratio, where the programs compiled at once (few rounds, noisy)."""
-    if not size["concurrent"] or program is size["programs"].get("adam"):
+    if not size["concurrent"] or name == "adam":
         return ""
-    return " (" + ", ".join(f"{x:.2f}" for x in program["paired_vs_adam"]) + ")"
+    return " (" + ", ".join(f"{x:.2f}" for x in size["programs"][name]["paired_vs_adam"]) + ")"
 
 
 def compile_table(section: dict[str, Any]) -> str:
@@ -332,7 +332,7 @@ def compile_table(section: dict[str, Any]) -> str:
                     f"{p['lower_s']:.2f}",
                     f"{p['compile_s']:.2f}",
                     f"{p['total_s']:.2f}",
-                    f"{p['vs_adam']:.2f}" + _rounds_note(r, p),
+                    f"{p['vs_adam']:.2f}" + _rounds_note(r, name),
                     ("yes" if r["met"] else "**no**") if name == OURS else "",
                 ]
             )
