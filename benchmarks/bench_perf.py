@@ -62,6 +62,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_clip import (
+    SCALE_CHAIN,
     Contender,
     _bytes,
     check_out_path,
@@ -71,6 +72,7 @@ from bench_clip import (
     markdown_table,
     random_tree,
     report_machine,
+    scale_by_runtime_scalar,
     transformer_shapes,
 )
 
@@ -107,18 +109,7 @@ CHAIN_PROGRAMS: dict[str, Callable[[], optax.GradientTransformation]] = {
     ),
 }
 OURS, OPTAX_CHAIN = "chain(oc.clip_by_global_norm, adam)", "chain(optax.clip_by_global_norm, adam)"
-SCALE_ONLY = "chain(x * runtime scalar, adam)"
-
-
-def scale_by_runtime_scalar() -> optax.GradientTransformation:
-    """Every leaf times one scalar held in the state (so not a constant XLA could fold): the
-    least that any clipper adds to Adam's kernels, with no norm computed at all."""
-    return optax.GradientTransformation(
-        lambda params: jnp.ones((), jnp.float32),
-        lambda updates, s, params=None: (jax.tree.map(lambda x: x * s, updates), s),
-    )
-
-
+SCALE_ONLY = SCALE_CHAIN
 CHAIN_PROGRAMS[SCALE_ONLY] = lambda: optax.chain(scale_by_runtime_scalar(), adam())
 # Programs left out above a number of leaves: optax's chain compiles for ~17 minutes at
 # 5,000 leaves; the scaling reference costs a minute there.

@@ -72,6 +72,10 @@ def test_run_quick_writes_every_section(tmp_path):
     assert any(w.startswith("compile, ") for w in wheres)
     assert all(isinstance(t["met"], bool) and t["ratio"] > 0 for t in run["targets"])
     assert "# Targets" in proc.stdout and "| where |" in proc.stdout
+    # Adam after a runtime scalar, beside the chain target of every tree with the chains.
+    refs = {(r["where"], r["what"]) for r in run["references"] if r["ratio"] > 0}
+    scale = "chain(x * runtime scalar, adam) / adam"
+    assert refs == {("transformer_f32", scale), ("transformer_bf16", scale)}
 
     clip = json.loads((tmp_path / "bench_clip.json").read_text())
     for tree in clip["trees"].values():
