@@ -1729,9 +1729,15 @@ def narrow(y: jax.Array, dtype: Any, *, exact: bool = False) -> jax.Array:
     duplicates it into two kernels, so a scaled bfloat16 gradient read by both of Adam's
     moment kernels was written to memory and read back: ``chain(clip_by_global_norm, adam)``
     on the bfloat16 tree cost 1.32x ``adam`` against 1.20x when the rounding is integer
-    arithmetic, which fuses into both (paired, 41 rounds). The values are the conversion's
-    (NaN payloads aside). ``exact=True`` promises that ``y`` holds values of ``dtype`` (a
-    clamp or a select of them), which then only lose their low bits.
+    arithmetic, which fuses into both (paired, 41 rounds, on a 2-core Intel Xeon VM). Which
+    wins depends on the machine: on a 2-core AMD EPYC VM, rounding twice in Adam's two
+    kernels costs more than the write and the read it saves (1.27-1.31x against
+    1.16-1.22x, paired, three runs of 40 rounds). The integer path stays: it adds no
+    kernel and no memory traffic to Adam's, which should matter more where each core has
+    less memory bandwidth than on these VMs (a guess, not measured). The values are the
+    conversion's (NaN payloads aside). ``exact=True`` promises that ``y`` holds values of
+    ``dtype`` (a clamp or a select of them), which then only lose their low bits (a shift
+    instead of the rounding).
     """
     dtype = np.dtype(dtype)
     if y.dtype == dtype:
