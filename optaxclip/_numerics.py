@@ -1731,8 +1731,8 @@ def narrow(y: jax.Array, dtype: Any, *, exact: bool = False) -> jax.Array:
     on the bfloat16 tree cost 1.32x ``adam`` against 1.20x when the rounding is integer
     arithmetic, which fuses into both (paired, 41 rounds, on a 2-core Intel Xeon VM). Which
     wins depends on the machine: on a 2-core AMD EPYC VM, rounding twice in Adam's two
-    kernels costs more than the write and the read it saves (1.27-1.31x against
-    1.16-1.22x, paired, three runs of 40 rounds). The integer path stays: it adds no
+    kernels costs more than the write and the read it saves (1.26-1.31x against
+    1.16-1.22x, paired, four probes of 40-50 rounds). The integer path stays: it adds no
     kernel and no memory traffic to Adam's, which should matter more where each core has
     less memory bandwidth than on these VMs (a guess, not measured). The values are the
     conversion's (NaN payloads aside). ``exact=True`` promises that ``y`` holds values of
