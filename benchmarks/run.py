@@ -105,7 +105,8 @@ def targets(perf: dict[str, Any], clip: dict[str, Any], adaptive: dict[str, Any]
 
 
 def references(clip: dict[str, Any]) -> list[dict]:
-    """Ratios reported beside the targets because they bound one (bench_clip.tree_references)."""
+    """Ratios reported beside the targets because they bear on one
+    (``bench_clip.tree_references``)."""
     return [
         {"where": key, "what": what, "ratio": ratio}
         for key, tree in clip["trees"].items()
