@@ -148,6 +148,11 @@ def profile(compiled: bench_clip.Compiled, calls: int, trace_dir: Path) -> dict[
     if len(windows) != calls:
         raise RuntimeError(f"found {len(windows)} annotated calls in the trace, expected {calls}")
     summaries = [summarize_call(windows[i], threads) for i in sorted(windows)]
+    if not any(s["kernels"] for s in summaries):
+        raise RuntimeError(
+            f"no kernel events on XLA's worker threads in the trace (lines: "
+            f"{sorted(threads) or 'none named tf_XLA...'}); this jax may name them otherwise"
+        )
     median_wall = statistics.median_low([s["wall_ms"] for s in summaries])
     chosen = next(s for s in summaries if s["wall_ms"] == median_wall)
     return {**chosen, "walls_ms": [round(s["wall_ms"], 3) for s in summaries]}
