@@ -287,37 +287,45 @@ def without_rescue(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_contenders(grads: Any, params: Any, with_chains: bool) -> list[Contender]:
-    """The floors and clippers, plus Adam and both chains when ``with_chains``."""
+def contender_factories(grads: Any, params: Any, with_chains: bool) -> dict[str, Callable]:
+    """The floors and clippers, plus Adam and both chains when ``with_chains``, by name: each
+    value builds its contender (a transformation's state is initialised only then)."""
     # AGC compares gradients with the parameters: give it parameters like the gradients.
-    agc_params = grads
-    contenders = [
-        Contender(FLOOR_READ, floor_read, (grads,)),
-        Contender(FLOOR_RW, floor_read_write, (grads, jnp.float32(0.5))),
-        transform_contender(OC_CLIP, oc.clip_by_global_norm(MAX_NORM), grads, params),
-        transform_contender(OX_CLIP, optax.clip_by_global_norm(MAX_NORM), grads, params),
-        transform_contender(OC_NO_RESCUE, without_rescue(MAX_NORM), grads, params),
-        transform_contender(OC_VALUE, oc.clip_by_value(VALUE_LIMIT), grads, params),
-        transform_contender(OX_VALUE, optax.clip(VALUE_LIMIT), grads, params),
-        transform_contender(OC_BLOCK, oc.clip_by_block_rms(BLOCK_RMS), grads, params),
-        transform_contender(OX_BLOCK, optax.clip_by_block_rms(BLOCK_RMS), grads, params),
-        transform_contender(OC_LEAF, oc.clip_by_leaf_norm(MAX_NORM), grads, params),
-        transform_contender(OX_LEAF, optax_leaf_norm_clip(MAX_NORM), grads, params),
-    ]
-    contenders += [
-        transform_contender(OC_AGC, oc.adaptive_grad_clip(AGC_CLIPPING), grads, agc_params),
-        transform_contender(OX_AGC, optax.adaptive_grad_clip(AGC_CLIPPING), grads, agc_params),
-    ]
+    transforms = {
+        OC_CLIP: (lambda: oc.clip_by_global_norm(MAX_NORM), params),
+        OX_CLIP: (lambda: optax.clip_by_global_norm(MAX_NORM), params),
+        OC_NO_RESCUE: (lambda: without_rescue(MAX_NORM), params),
+        OC_VALUE: (lambda: oc.clip_by_value(VALUE_LIMIT), params),
+        OX_VALUE: (lambda: optax.clip(VALUE_LIMIT), params),
+        OC_BLOCK: (lambda: oc.clip_by_block_rms(BLOCK_RMS), params),
+        OX_BLOCK: (lambda: optax.clip_by_block_rms(BLOCK_RMS), params),
+        OC_LEAF: (lambda: oc.clip_by_leaf_norm(MAX_NORM), params),
+        OX_LEAF: (lambda: optax_leaf_norm_clip(MAX_NORM), params),
+        OC_AGC: (lambda: oc.adaptive_grad_clip(AGC_CLIPPING), grads),
+        OX_AGC: (lambda: optax.adaptive_grad_clip(AGC_CLIPPING), grads),
+    }
     if with_chains:
         adam = lambda: optax.adam(LEARNING_RATE)
-        chains = {
-            ADAM: adam(),
-            OC_CHAIN: optax.chain(oc.clip_by_global_norm(MAX_NORM), adam()),
-            OX_CHAIN: optax.chain(optax.clip_by_global_norm(MAX_NORM), adam()),
-            SCALE_CHAIN: optax.chain(scale_by_runtime_scalar(), adam()),
+        transforms |= {
+            ADAM: (adam, params),
+            OC_CHAIN: (lambda: optax.chain(oc.clip_by_global_norm(MAX_NORM), adam()), params),
+            OX_CHAIN: (lambda: optax.chain(optax.clip_by_global_norm(MAX_NORM), adam()), params),
+            SCALE_CHAIN: (lambda: optax.chain(scale_by_runtime_scalar(), adam()), params),
         }
-        contenders += [transform_contender(n, tx, grads, params) for n, tx in chains.items()]
-    return contenders
+    factories = {
+        FLOOR_READ: lambda: Contender(FLOOR_READ, floor_read, (grads,)),
+        FLOOR_RW: lambda: Contender(FLOOR_RW, floor_read_write, (grads, jnp.float32(0.5))),
+    }
+    for name, (make, p) in transforms.items():
+        factories[name] = lambda name=name, make=make, p=p: transform_contender(
+            name, make(), grads, p
+        )
+    return factories
+
+
+def make_contenders(grads: Any, params: Any, with_chains: bool) -> list[Contender]:
+    """Every contender of :func:`contender_factories`, built, in its order."""
+    return [make() for make in contender_factories(grads, params, with_chains).values()]
 
 
 # ---------------------------------------------------------------------------

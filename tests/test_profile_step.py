@@ -88,3 +88,19 @@ def test_unknown_program_is_refused_with_the_known_names():
     )
     assert proc.returncode == 2
     assert "unknown programs ['nope']" in proc.stderr and "optax.adam" in proc.stderr
+
+
+def test_only_the_programs_asked_for_are_built(monkeypatch):
+    import bench_clip
+    import jax.numpy as jnp
+
+    built, real = [], bench_clip.transform_contender
+    monkeypatch.setattr(
+        bench_clip, "transform_contender", lambda name, *a: built.append(name) or real(name, *a)
+    )
+    grads = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+    factories = bench_clip.contender_factories(grads, grads, True)
+    assert built == [] and "optax.adam" in factories
+    contender = factories["optax.adam"]()
+    assert built == ["optax.adam"] and contender.name == "optax.adam"
+    assert [c.name for c in bench_clip.make_contenders(grads, grads, True)] == list(factories)
