@@ -15,8 +15,8 @@ Three sections:
   round compiles Adam and our chain; the ratio is the median of the rounds' ratios (9 rounds
   at 100 leaves, 3 at 1,000, 2 at 5,000). At 100 and 1,000 leaves the first round compiles
   the reference programs (only there), then our chain, then Adam; later rounds shuffle the
-  two. At 5,000 leaves the two compile at the same time, one process per core, and swap
-  cores in the second round (see ``bench_compile``). Each compilation starts from fresh
+  two. At 5,000 leaves one process per core compiles both, the two cores at once and in
+  opposite orders (see ``bench_compile``). Each compilation starts from fresh
   transformations (nothing is cached; the persistent cache is off).
   optax's chain is skipped at 5,000 leaves: it takes about 17 minutes there. A reference
   program, ``chain(x * runtime scalar, adam)``, multiplies every leaf by a scalar held in
@@ -84,8 +84,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_perf.json"
 SECTIONS = ("compile", "memory", "dispatch")
 
 COMPILE_LEAVES = {"full": (100, 1000, 5000), "quick": (24, 40)}
-COMPILE_REPS = {100: 9, 1000: 3, 5000: 2, 24: 1, 40: 2}  # paired rounds (see bench_compile)
-# Sizes whose round compiles Adam and our chain at the same time, one process per core.
+COMPILE_REPS = {100: 9, 1000: 3, 24: 1}  # paired rounds (see bench_compile)
+# Sizes where one process per core compiles Adam and our chain, both cores at once.
 CONCURRENT = {5000, 40}
 MEMORY_STEPS = 20
 MEMORY_TREE = {"full": (320, 12, 32_000), "quick": (64, 2, 1024)}  # d, layers, vocab
@@ -139,14 +139,15 @@ def compile_once(
     return t1 - t0, time.perf_counter() - t1
 
 
-def compile_worker(name: str, leaves: int, cpu: int | None) -> None:
-    """One side of a concurrent round (see :func:`bench_compile`), in its own process.
+def compile_worker(names: Sequence[str], leaves: int, cpu: int | None) -> None:
+    """One core's side of a crossed round (see :func:`bench_compile`), in its own process.
 
     Pinned to ``cpu``, it pays the process's first compilation untimed, prints ``ready``,
-    waits for a line on stdin, compiles ``name`` at ``leaves`` leaves and prints the two
-    times as JSON. Then it compiles the same program again and again, untimed, until the
-    parent kills it: the other program never has a core to itself while it finishes. It
-    returns instead if its parent is gone.
+    waits for a line on stdin, then compiles each program of ``names`` in turn at
+    ``leaves`` leaves (the heap the compiler freed handed back between them) and prints
+    each one's two times as a line of JSON. Then it compiles the last program again and
+    again, untimed, until the parent kills it: the other core's last program never has a
+    core to itself while it finishes. It returns instead if its parent is gone.
     """
     parent = os.getppid()
     if cpu is not None and hasattr(os, "sched_setaffinity"):
@@ -157,58 +158,65 @@ def compile_worker(name: str, leaves: int, cpu: int | None) -> None:
     print("ready", flush=True)
     if not sys.stdin.readline():
         return
-    lower, comp = compile_once(CHAIN_PROGRAMS[name], tree)
-    print(json.dumps({"lower_s": lower, "compile_s": comp}), flush=True)
+    for name in names:
+        _release_freed_heap()
+        lower, comp = compile_once(CHAIN_PROGRAMS[name], tree)
+        print(json.dumps({"name": name, "lower_s": lower, "compile_s": comp}), flush=True)
     while os.getppid() == parent:
-        compile_once(CHAIN_PROGRAMS[name], tree)
+        compile_once(CHAIN_PROGRAMS[names[-1]], tree)
 
 
 def _zeros_tree(leaves: int) -> dict[str, jax.Array]:
     return {k: jnp.zeros(s, jnp.float32) for k, s in layered_shapes(leaves).items()}
 
 
-def _concurrent_round(names: Sequence[str], leaves: int) -> dict[str, tuple[float, float]]:
-    """Compiles every program in ``names`` at once, each in a :func:`compile_worker`."""
+def _crossed_round(orders: Sequence[Sequence[str]], leaves: int) -> list[dict[str, tuple]]:
+    """Runs a :func:`compile_worker` per core at once, the one on core ``i`` compiling the
+    programs of ``orders[i]`` in turn; returns, per core, each program's two times."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    procs, logs = {}, {}
+    procs, logs = [], []
     try:
-        for i, name in enumerate(names):
-            logs[name] = tempfile.TemporaryFile("w+")
+        for i, names in enumerate(orders):
+            logs.append(tempfile.TemporaryFile("w+"))
             cpu = ["--cpu", str(cpus[i % len(cpus)])] if cpus else []
-            procs[name] = subprocess.Popen(
-                [sys.executable, __file__, "--compile-worker", name, "--leaves", str(leaves), *cpu],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=logs[name],
-                text=True,
+            worker = [arg for name in names for arg in ("--compile-worker", name)]
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, *worker, "--leaves", str(leaves), *cpu],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=logs[i],
+                    text=True,
+                )
             )
 
-        def line(name: str) -> str:
-            text = procs[name].stdout.readline()
+        def line(i: int) -> str:
+            text = procs[i].stdout.readline()
             if not text:
-                procs[name].wait()
-                logs[name].seek(0)
-                raise RuntimeError(
-                    f"compile worker for {name} failed:\n{logs[name].read()[-3000:]}"
-                )
+                procs[i].wait()
+                logs[i].seek(0)
+                raise RuntimeError(f"compile worker {orders[i]} failed:\n{logs[i].read()[-3000:]}")
             return text.strip()
 
-        for name in names:
-            if line(name) != "ready":
-                raise RuntimeError(f"compile worker for {name}: expected 'ready'")
-        for proc in procs.values():  # start them together
+        for i in range(len(procs)):
+            if line(i) != "ready":
+                raise RuntimeError(f"compile worker {orders[i]}: expected 'ready'")
+        for proc in procs:  # start them together
             proc.stdin.write("go\n")
             proc.stdin.flush()
-        out = {}
-        for name in names:
-            r = json.loads(line(name))
-            out[name] = (r["lower_s"], r["compile_s"])
+        out = []
+        for i, names in enumerate(orders):
+            times = {}
+            for _ in names:
+                r = json.loads(line(i))
+                times[r["name"]] = (r["lower_s"], r["compile_s"])
+            out.append(times)
         return out
     finally:
-        for proc in procs.values():
+        for proc in procs:
             proc.kill()
             proc.wait()
-        for log in logs.values():
+        for log in logs:
             log.close()
 
 
@@ -220,18 +228,22 @@ def bench_compile(quick: bool) -> dict[str, Any]:
     the next, and the two programs of a round move together (paired ratios of 5 rounds at
     999 leaves spread over 1.25-1.38x, single ratios up to 1.56x). At 100 and 1,000 leaves,
     the first round compiles the reference programs (only there), then our chain, then
-    Adam; later rounds compile the two in a shuffled order. At 5,000 leaves, each round
-    compiles the two at the same time, in two processes pinned to one core each (XLA
-    compiles a program on one thread): the round takes the longer of the two instead of
-    their sum (3-4 minutes on this VM), both programs see the same state of the VM, and
-    neither runs alone at the end, as the process that finishes first compiles its program
-    again until the other is done. The second round swaps the cores. On this VM Adam
+    Adam; later rounds compile the two in a shuffled order. At 5,000 leaves, two processes
+    pinned to one core each (XLA compiles a program on one thread) compile both programs at
+    the same time, in opposite orders: core 0 Adam then our chain, core 1 our chain then
+    Adam. Each core's ratio divides its two compiles, and the ratio is the median (the
+    mean) of the two cores' ratios, so a program compiled first or second in its process,
+    or on one core or the other, weighs the same on both sides. Both cores stay busy until
+    the end (the process that finishes first compiles its last program again until the
+    other is done), so no compile runs with a core to itself, and the section takes the
+    sum of the two compiles (about 3 minutes on this VM) instead of twice the longer one,
+    as in the two rounds of both at once, swapping cores, that it replaces. On this VM Adam
     compiled about as fast at once as alone (999 leaves: 5.5 s against 5.4-5.6 s; 4,995:
-    66 s against 64-66 s); on an earlier VM both ran about 25% slower at once. One round
-    at 4,995 leaves is a poor sample: four rounds in a row, of one commit, read 1.29x,
+    66 s against 64-66 s); on an earlier VM both ran about 25% slower at once. One sample
+    at 4,995 leaves is a poor one: four single rounds in a row, of one commit, read 1.29x,
     1.39x, 1.14x and 1.09x, while Adam's own compile took 52-74 s (much of both compiles
     is spent in two XLA algorithms quadratic in the ~15,000 kernels, waiting on memory:
-    see the README). Two rounds, and the median of their two ratios, cost 80 s more.
+    see the README).
     """
     out: dict[str, Any] = {}
     rng = np.random.default_rng(SEED)
@@ -251,20 +263,21 @@ def bench_compile(quick: bool) -> dict[str, Any]:
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
         rounds = COMPILE_REPS.get(n, 1)
         orders = []
-        for r in range(rounds):
-            if concurrent:
-                gc.collect()
-                # Round by round, each program on the other core (cores follow the order).
-                orders.append(names[:: 1 - 2 * (r % 2)])
-                for name, times in _concurrent_round(orders[-1], n).items():
-                    runs[name].append(times)
-                    lower, comp = times
+        if concurrent:
+            # One crossed round: each core compiles both programs, in opposite orders.
+            gc.collect()
+            orders = [names, names[::-1]]
+            for cpu, times in enumerate(_crossed_round(orders, n)):
+                for name in orders[cpu]:
+                    runs[name].append(times[name])
+                    lower, comp = times[name]
                     print(
-                        f"  {len(shapes)} leaves, {name} (at once with the other): "
-                        f"lower {lower:.2f} s, compile {comp:.2f} s",
+                        f"  {len(shapes)} leaves, {name} (core {cpu}, the other core "
+                        f"compiling too): lower {lower:.2f} s, compile {comp:.2f} s",
                         flush=True,
                     )
-                continue
+            rounds = 0
+        for r in range(rounds):
             if r == 0:
                 # The first compile at a size is slower (adam at 999 leaves: 4.9 s, then
                 # 4.5 and 4.6): the references take it, else our chain; never Adam alone.
@@ -286,16 +299,16 @@ def bench_compile(quick: bool) -> dict[str, Any]:
                 "samples_total_s": [round(t, 3) for t in total],
             }
         for name in names:
-            # Round by round against Adam's compile of the same round.
+            # Round by round (at once: core by core) against Adam's compile there.
             paired = [t / a for t, a in zip(totals[name], totals["adam"])]
             res[name]["paired_vs_adam"] = [round(x, 4) for x in paired]
             res[name]["vs_adam"] = float(np.median(paired))
         out[str(len(shapes))] = {
             "leaves": len(shapes),
             "params": int(sum(np.prod(s) for s in shapes.values())),
-            "reps": rounds,
+            "reps": len(runs["adam"]),
             "concurrent": concurrent,
-            "core_orders": orders,  # at once: per round, the programs on cores 0, 1, ...
+            "core_orders": orders,  # at once: per core, the programs in the order compiled
             "programs": res,
             "skipped": [k for k in CHAIN_PROGRAMS if k not in names],
             "target": TARGETS["compile"],
@@ -305,7 +318,7 @@ def bench_compile(quick: bool) -> dict[str, Any]:
 
 
 def _rounds_note(size: dict[str, Any], name: str) -> str:
-    """Each round's ratio, where the programs compiled at once (few rounds, noisy)."""
+    """Each core's ratio, where the programs compiled at once (few samples, noisy)."""
     if not size["concurrent"] or name == "adam":
         return ""
     return " (" + ", ".join(f"{x:.2f}" for x in size["programs"][name]["paired_vs_adam"]) + ")"
@@ -577,7 +590,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
     )
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--compile-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--compile-worker", action="append", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--leaves", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
