@@ -236,8 +236,9 @@ def bench_compile(quick: bool) -> dict[str, Any]:
     or on one core or the other, weighs the same on both sides. Both cores stay busy until
     the end (the process that finishes first compiles its last program again until the
     other is done), so no compile runs with a core to itself, and the section takes the
-    sum of the two compiles (about 3 minutes on this VM) instead of twice the longer one,
-    as in the two rounds of both at once, swapping cores, that it replaces. On this VM Adam
+    sum of the two compiles (2-3 minutes on this VM) instead of twice the longer one, as
+    in the two rounds of both at once, swapping cores, that it replaces (with one start of
+    the two processes less, 20-40 s saved). On this VM Adam
     compiled about as fast at once as alone (999 leaves: 5.5 s against 5.4-5.6 s; 4,995:
     66 s against 64-66 s); on an earlier VM both ran about 25% slower at once. One sample
     at 4,995 leaves is a poor one: four single rounds in a row, of one commit, read 1.29x,
