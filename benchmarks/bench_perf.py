@@ -13,11 +13,11 @@ Three sections:
   ``chain(optax.clip_by_global_norm(1.0), adam)`` on transformer-like trees of about 100,
   1,000 and 5,000 leaves (12 leaves per layer of d=32, plus embedding and final norm). Each
   round compiles Adam and our chain; the ratio is the median of the rounds' ratios (9 rounds
-  at 100 leaves, 3 at 1,000, 2 at 5,000). At 100 and 1,000 leaves the first round compiles
-  the reference programs (only there), then our chain, then Adam; later rounds shuffle the
-  two. At 5,000 leaves one process per core compiles both, the two cores at once and in
-  opposite orders (see ``bench_compile``). Each compilation starts from fresh
-  transformations (nothing is cached; the persistent cache is off).
+  at 100 leaves, 3 at 1,000; at 5,000, of the two cores' pairs). At 100 and 1,000 leaves
+  the first round compiles the reference programs (only there), then our chain, then Adam;
+  later rounds shuffle the two. At 5,000 leaves one process per core compiles both, the
+  two cores at once and in opposite orders (see ``bench_compile``). Each compilation
+  starts from fresh transformations (nothing is cached; the persistent cache is off).
   optax's chain is skipped at 5,000 leaves: it takes about 17 minutes there. A reference
   program, ``chain(x * runtime scalar, adam)``, multiplies every leaf by a scalar held in
   the state before Adam: the compile time any clipper adds by scaling alone, with no norm
@@ -238,9 +238,9 @@ def bench_compile(quick: bool) -> dict[str, Any]:
     other is done), so no compile runs with a core to itself, and the section takes the
     sum of the two compiles (2-3 minutes on this VM) instead of twice the longer one, as
     in the two rounds of both at once, swapping cores, that it replaces (with one start of
-    the two processes less, 20-40 s saved). On this VM Adam
-    compiled about as fast at once as alone (999 leaves: 5.5 s against 5.4-5.6 s; 4,995:
-    66 s against 64-66 s); on an earlier VM both ran about 25% slower at once. One sample
+    the two processes less, 20-40 s saved). On this VM Adam compiled about as fast at once
+    as alone (999 leaves: 5.5 s against 5.4-5.6 s; 4,995: 66 s against 64-66 s); on an
+    earlier VM both ran about 25% slower at once. One sample
     at 4,995 leaves is a poor one: four single rounds in a row, of one commit, read 1.29x,
     1.39x, 1.14x and 1.09x, while Adam's own compile took 52-74 s (much of both compiles
     is spent in two XLA algorithms quadratic in the ~15,000 kernels, waiting on memory:
@@ -262,7 +262,6 @@ def bench_compile(quick: bool) -> dict[str, Any]:
             if n <= MAX_LEAVES.get(k, n) and (not concurrent or k in ("adam", OURS))
         ]
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
-        rounds = COMPILE_REPS.get(n, 1)
         orders = []
         if concurrent:
             # One crossed round: each core compiles both programs, in opposite orders.
@@ -277,8 +276,7 @@ def bench_compile(quick: bool) -> dict[str, Any]:
                         f"compiling too): lower {lower:.2f} s, compile {comp:.2f} s",
                         flush=True,
                     )
-            rounds = 0
-        for r in range(rounds):
+        for r in range(0 if concurrent else COMPILE_REPS.get(n, 1)):
             if r == 0:
                 # The first compile at a size is slower (adam at 999 leaves: 4.9 s, then
                 # 4.5 and 4.6): the references take it, else our chain; never Adam alone.

@@ -14,11 +14,11 @@ warmed up, then called ``--calls`` times under ``jax.profiler.trace``. The scrip
 each kind of kernel (its HLO name without the number: ``add_convert_fusion``,
 ``ynn_fusion``, ``cond``) with its count and its thread time, and how busy each of XLA's
 worker threads was, each the median over the calls (one call is a poor sample). Thread
-time is exclusive: a kernel
-that runs inside a ``while`` or a ``cond`` counts for itself, not again for the loop. It is
-the time from a kernel's start to its end, so it includes any time its thread waited for
-a core: XLA may run more worker threads than the machine has cores (three on the 2-core
-VM), and their busy times can then add up to more than the cores could give. The wall
+time is exclusive: a kernel that runs inside a ``while`` or a ``cond`` counts for itself,
+not again for the loop. It is the time from a kernel's start to its end, so it includes
+any time its thread waited for a core: XLA may run more worker threads than the machine has
+cores (three on the 2-core VM), and their busy times can then add up to more than the cores
+could give. The wall
 time includes the profiler's own cost (a few percent), so the timings to quote are
 bench_clip.py's; this script says where they go.
 
