@@ -376,6 +376,10 @@ def _value_case(name):
     if name == "zero_bound":
         big[::2] = 0.0
         return {"big": big, "small": small}, 0.0
+    if name == "entries_at_the_bound":  # clipped before: equal to the bound, not above it
+        big = np.clip(big, -1.5, 1.5)
+        big[[5, 6]] = [4.0, -2.0]
+        return {"big": big, "small": small.astype(jnp.bfloat16)}, 1.5
     if name == "mixed_dtypes":
         tree = {"big": big.astype(jnp.bfloat16), "small": small.astype(jnp.float16), "f": small}
         return tree, 0.7
@@ -384,7 +388,14 @@ def _value_case(name):
 
 @pytest.mark.parametrize(
     "case",
-    ["none_clipped", "nan_and_clipped", "inf_against_inf_bound", "zero_bound", "mixed_dtypes"],
+    [
+        "none_clipped",
+        "nan_and_clipped",
+        "inf_against_inf_bound",
+        "zero_bound",
+        "entries_at_the_bound",
+        "mixed_dtypes",
+    ],
 )
 def test_value_clip_statistics_match_oracle(case, maybe_jit):
     # The count reads each chunk once with a fused indicator and runs only when the largest
@@ -412,7 +423,7 @@ def test_value_clip_statistics_match_oracle(case, maybe_jit):
 
 
 def test_value_clip_statistics_read_their_scalars_without_a_slice_kernel_each():
-    # Each chunk's count reads its own copies of four scalars (else XLA writes the shared
+    # Each chunk's count reads its own copies of its scalars (else XLA writes the shared
     # broadcast to memory). As slices of one vector, every slice was a kernel of its own:
     # 200 of them on a 147-leaf tree, which compiled in 1.9 s against 0.9 s without.
     grads = {f"l{i:02d}": jnp.full((64, 128), 3.0 if i % 2 else 0.5) for i in range(12)}
