@@ -121,9 +121,10 @@ def targets_table(rows: list[dict]) -> str:
             [
                 r["where"],
                 r["what"],
-                f"{r['ratio']:.3f}",
+                f"{r['ratio']:.3f}"
+                + ("" if "ci95" not in r else " ({:.3f}–{:.3f})".format(*r["ci95"])),
                 f"{'=' if r['target'] == 1.0 and r['what'].startswith('programs') else '≤'} "
-                f"{r['target']:.2f}",
+                f"{r['target']:.2f}" + ("" if "ci95" not in r else " within the 95% interval"),
                 "yes" if r["met"] else "**no**",
             ]
             for r in rows

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -71,6 +72,12 @@ def test_run_quick_writes_every_section(tmp_path):
     assert memory_and_dispatch | {"dispatch, 100 steps"} <= wheres
     assert any(w.startswith("compile, ") for w in wheres)
     assert all(isinstance(t["met"], bool) and t["ratio"] > 0 for t in run["targets"])
+    # The rescue's target comes from paired rounds of its own, with an interval.
+    rescue = [t for t in run["targets"] if t["what"] == "clip_by_global_norm / rescue removed"]
+    assert len(rescue) == 3
+    for t in rescue:
+        lo, hi = t["ci95"]
+        assert lo <= t["ratio"] <= hi and t["rounds"] == 10 and t["met"] == (lo <= 1.0)
     assert "# Targets" in proc.stdout and "| where |" in proc.stdout
     # Adam after a runtime scalar, beside the chain target of every tree with the chains.
     refs = {(r["where"], r["what"]) for r in run["references"] if r["ratio"] > 0}
@@ -142,3 +149,16 @@ def test_bench_perf_rejects_bad_sections():
 def test_bench_adaptive_rejects_bad_options():
     proc = _run(ADAPTIVE_SCRIPT, "--reps", "0")
     assert proc.returncode == 2 and "--reps: expected a positive integer, got 0" in proc.stderr
+
+
+def test_paired_median_interval_tells_a_one_percent_cost_from_none():
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_clip
+
+    # 200 rounds with the spread of this VM's paired ratios (3% standard deviation).
+    noise = np.random.default_rng(1).normal(0.0, 0.03, 200)
+    median, lo, hi = bench_clip.paired_median_ci(1.0 + noise)
+    assert lo <= median <= hi and lo <= 1.0 <= hi and hi - lo < 0.02
+    median, lo, hi = bench_clip.paired_median_ci(1.01 + noise)
+    assert lo > 1.0
+    assert bench_clip.paired_median_ci([1.5] * 20) == (1.5, 1.5, 1.5)
