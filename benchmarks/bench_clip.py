@@ -128,7 +128,7 @@ class Sizes:
     rescue_reps: int  # paired rounds of the rescue's own target (see rescue_cost)
 
 
-FULL = Sizes(320, 12, 32_000, small_leaves=2_000, reps=30, warmup=3, rescue_reps=200)
+FULL = Sizes(320, 12, 32_000, small_leaves=2_000, reps=30, warmup=3, rescue_reps=120)
 QUICK = Sizes(32, 1, 256, small_leaves=16, reps=5, warmup=1, rescue_reps=10)
 
 
@@ -648,7 +648,7 @@ def rescue_cost(ours: Compiled, without: Compiled, reps: int) -> dict[str, Any]:
     little to measure in 300 paired rounds in one process (1.0001x on the 25M float32
     tree, 95% interval 0.996-1.0035), while the quartiles of the paired ratios lie 3-5%
     apart on this VM, and over the 30 rounds of all programs the median read 0.97-1.04x
-    from run to run. So it gets rounds of its own (200 in a full run, about 5 s on the 25M
+    from run to run. So it gets rounds of its own (120 in a full run, about 6 s on the 25M
     tree), and its target is met when the 95% interval of the paired median reaches 1.00:
     no cost that the rounds can tell from none.
     """
