@@ -242,6 +242,26 @@ def clip_by_value(
 # ---------------------------------------------------------------------------
 
 
+def clip_to_norm(
+    updates: Any, stats: ClipStats, norm: num.Norm, limit: jax.Array
+) -> tuple[Any, ClipStats]:
+    """``updates``, of global norm ``norm``, scaled to a norm of at most ``limit``, and the
+    next :class:`ClipStats`: :func:`clip_by_global_norm` after its norm (the benchmarks
+    call it with a norm taken without the rescue, to time the rescue alone)."""
+    p, q, clipped = num.global_factors(norm, limit)
+    updates = jax.tree.map(lambda x: num.scale_leaf(jnp.asarray(x), p, q), updates)
+    stats = next_stats(
+        stats,
+        norm=norm.value,
+        threshold=limit,
+        scale=p * q,
+        clipped=clipped,
+        any_clipped=clipped,
+        nonfinite=~norm.finite,
+    )
+    return updates, stats
+
+
 @named_state("clip_by_global_norm")
 class ClipByGlobalNormState(NamedTuple):
     """State of :func:`clip_by_global_norm`: O(1) scalars."""
@@ -304,17 +324,7 @@ def clip_by_global_norm(
         del params, extra_args
         norm = num.global_pair(updates, ord, axis_name=axis_name, partition_specs=partition_specs)
         limit = num.resolve(max_norm, state.stats.count, norm.m.dtype)
-        p, q, clipped = num.global_factors(norm, limit)
-        updates = jax.tree.map(lambda x: num.scale_leaf(jnp.asarray(x), p, q), updates)
-        stats = next_stats(
-            state.stats,
-            norm=norm.value,
-            threshold=limit,
-            scale=p * q,
-            clipped=clipped,
-            any_clipped=clipped,
-            nonfinite=~norm.finite,
-        )
+        updates, stats = clip_to_norm(updates, state.stats, norm, limit)
         return updates, ClipByGlobalNormState(stats=stats)
 
     return optax.GradientTransformationExtraArgs(_init(ClipByGlobalNormState), update_fn)
