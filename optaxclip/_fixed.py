@@ -55,21 +55,22 @@ def _value_statistics(
     NaN entries are left out of both.
 
     Each is one reduction per chunk that XLA fuses with its element-wise producer (on CPU, a
-    compare or a NaN test would write a full-size mask to memory first), reading the chunk
-    through a barrier of its own (XLA would merge two kernels' ``|x|``, or their widening
-    converts, into one array in memory). An entry above the bound ``b`` counts
-    ``sign(max(|x| - b, 0))``: 1 for every ``|x| > b`` (subnormal differences aside, which
-    the CPU flushes), NaN for a NaN entry. Entries of bfloat16 and float16 chunks are
-    widened first and count ``min(max(|x| - b, 0) / tiny, 1)`` (the difference of two
-    distinct floats is at least ``tiny``): XLA's CPU backend runs a sign of a widened entry
-    slower than that clamp, and a float32 sign faster. Paired, on the 25M-entry tree:
-    float32 10.0 ms against 15.3 ms for the clamp; bfloat16 11.4 ms widened against 13.2 ms
-    in bfloat16, and its max 5.0 ms widened against 5.9 ms. The count runs only when the
-    largest magnitude is above a bound. A step with a NaN
-    entry (``nan_seen``: the sum of squares is NaN), or a NaN count (``inf`` against an
-    infinite bound), takes the exact branch instead: per chunk, one two-operand reduction of
-    the finite maximum and the count (:func:`optaxclip._numerics.fused_reduce`), which
-    keeps no mask in memory. Each chunk's count reads its own scalars
+    compare or a NaN test would write a full-size mask to memory first). The count reads
+    the chunk through a barrier of its own, as the max of a bfloat16 or float16 chunk does:
+    XLA would merge two kernels' ``|x|``, or their widening converts, into one array in
+    memory. An entry above the bound ``b`` counts ``sign(max(|x| - b, 0))``: 1 for every
+    ``|x| > b`` (subnormal differences aside, which the CPU flushes), NaN for a NaN entry.
+    Entries of bfloat16 and float16 chunks are widened first and count ``min(max(|x| - b,
+    0) / tiny, 1)`` (the difference of two distinct floats is at least ``tiny``): XLA's
+    CPU backend runs a sign of a widened entry slower than that clamp, and a float32 sign
+    faster. Paired, on the 25M-entry tree: float32 10.0 ms against 15.3 ms for the clamp;
+    bfloat16 11.4 ms widened against 13.2 ms in bfloat16, and its max 5.0 ms widened
+    against 5.9 ms. The count runs only when the largest magnitude is above a bound. A
+    step with a NaN entry (``nan_seen``: the sum of squares is NaN), or a NaN count
+    (``inf`` against an infinite bound), takes the exact branch instead: per chunk, one
+    two-operand reduction of the finite maximum and the count
+    (:func:`optaxclip._numerics.fused_reduce`), which keeps no mask in memory. Each
+    chunk's count reads its own scalars
     (:func:`optaxclip._numerics.own_scalars`, ``anchor`` a zero that XLA cannot fold).
     """
     zero = jnp.zeros((), dtype)
