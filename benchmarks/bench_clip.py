@@ -128,8 +128,10 @@ class Sizes:
     rescue_reps: int  # paired rounds of the rescue's own target (see rescue_cost)
 
 
-FULL = Sizes(320, 12, 32_000, small_leaves=2_000, reps=30, warmup=3, rescue_reps=120)
-QUICK = Sizes(32, 1, 256, small_leaves=16, reps=5, warmup=1, rescue_reps=10)
+FULL = Sizes(
+    d_model=320, layers=12, vocab=32_000, small_leaves=2_000, reps=30, warmup=3, rescue_reps=120
+)
+QUICK = Sizes(d_model=32, layers=1, vocab=256, small_leaves=16, reps=5, warmup=1, rescue_reps=10)
 
 
 @dataclass(frozen=True)

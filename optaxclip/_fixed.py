@@ -78,10 +78,10 @@ def _value_statistics(
         return zero, zero
     real = [i for i, x in enumerate(chunks) if jnp.issubdtype(x.dtype, jnp.floating)]
     wide_abs = lambda x: jnp.abs(num._wide(x, dtype))
-    narrow = lambda x: x.dtype.itemsize < 4  # bfloat16, float16: computed widened
+    is_narrow = lambda x: x.dtype.itemsize < 4  # bfloat16, float16: computed widened
     maxes = [
         jnp.max(wide_abs(num.own_read(x, 1)))
-        if i not in real or narrow(x)
+        if i not in real or is_narrow(x)
         else jnp.max(jnp.abs(x)).astype(dtype)
         for i, x in enumerate(chunks)
     ]
@@ -101,16 +101,16 @@ def _value_statistics(
 
     def fast():
         inv_tiny = 1 / jnp.finfo(dtype).tiny
-        dtypes = [dtype if narrow(chunks[i]) else chunks[i].dtype for i in real]
+        dtypes = [dtype if is_narrow(chunks[i]) else chunks[i].dtype for i in real]
         rows = [
-            (bounds[x.dtype], 0, inv_tiny, 1) if narrow(x) else (bounds[x.dtype], 0)
+            (bounds[x.dtype], 0, inv_tiny, 1) if is_narrow(x) else (bounds[x.dtype], 0)
             for x in (chunks[i] for i in real)
         ]
         shapes = [chunks[i].shape for i in real]
         copies = dict(zip(real, num.own_scalars(rows, dtypes, anchor, shapes)))
         overs = []
         for i, x in enumerate(chunks):
-            if i in real and narrow(x):
+            if i in real and is_narrow(x):
                 b, z, inv, one = copies[i]
                 a = wide_abs(num.own_read(x, 2))
                 overs.append(jnp.sum(jnp.minimum(jnp.maximum(a - b, z) * inv, one)))
