@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from adaptive_models import SpikeAwareClip
 from hlo import scalar_work, slice_kernels, update_hlo
 
 import optaxclip as oc
@@ -257,9 +258,40 @@ def test_spike_aware_clip_keeps_float32_second_moment_for_low_precision(dtype):
     assert state.nu["w"].dtype == jnp.float32
     for _ in range(5):
         out, state = jax.jit(tx.update)(g, state)
-    # 1 - 0.999**5 of 1.0: a bfloat16 EMA would round 0.999 * v back to v
-    np.testing.assert_allclose(state.nu["w"], 1 - 0.999**5, rtol=1e-4)
+    # v = 1 - 0.999**5 of 1.0 (nu holds sqrt(v)): a bfloat16 EMA would round 0.999 * v
+    # back to v
+    np.testing.assert_allclose(np.square(state.nu["w"]), 1 - 0.999**5, rtol=1e-4)
     assert out["w"].dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "threshold, b2",
+    [(4.0, 0.5), (4.0, 0.0), (4.0, 1.0), (0.0, 0.9), (np.inf, 0.9), (5000.0, 0.999)],
+)
+def test_spike_aware_clip_bound_from_the_new_root_is_spams(threshold, b2):
+    # The update reads sqrt(c v') for SPAM's sqrt(theta v), and tests |g| > sqrt(c v')
+    # (see the docstring): the same spikes and bounds as SPAM's rule, to rounding, at the
+    # edges of theta and b2 too.
+    rng = np.random.default_rng(7)
+    tx = oc.spike_aware_clip(threshold, b2=b2, warmup_steps=2)
+    model = SpikeAwareClip(threshold, b2=b2, warmup_steps=2)
+    shapes = {"b": (7,), "w": (40, 30)}  # jax.tree order
+    state, update = tx.init({k: jnp.zeros(s) for k, s in shapes.items()}), jax.jit(tx.update)
+    spikes = 0
+    for t in range(8):
+        scale = 30.0 if t in (3, 6) else 1.0
+        g = {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
+        out, state = update(g, state)
+        with np.errstate(invalid="ignore"):  # inf * 0 in the model, for theta = inf
+            want, info = model.step(list(g.values()))
+        for k, w in zip(shapes, want):
+            # rtol: 1 - b2 in float32 (1 - 0.999 is 1.3e-5 off) drifts v from step to step
+            np.testing.assert_allclose(out[k], w, rtol=1e-4, err_msg=f"step {t}, leaf {k}")
+        s = oc.stats(state)
+        np.testing.assert_allclose(s["spike_aware_clip/clipped"], info.clipped, rtol=1e-6)
+        np.testing.assert_allclose(s["spike_aware_clip/scale"], info.scale, rtol=1e-4)
+        spikes += info.clipped > 0
+    assert spikes > 0 or threshold == np.inf
 
 
 def test_spike_aware_clip_nu_dtype_option():
@@ -296,17 +328,18 @@ def test_spike_aware_clip_statistics_with_zero_second_moment(wrap):
 
 
 def test_spike_aware_clip_statistics_over_stacked_small_leaves_match_the_rule(maybe_jit):
-    # Small leaves are stacked with their v, per dtype pair, for the statistics: the count
-    # and the smallest factor must be those of the rule applied leaf by leaf.
+    # Small leaves are stacked with their root of v, per dtype pair, for the statistics: the
+    # count and the smallest factor must be those of the rule applied leaf by leaf.
     rng = np.random.default_rng(3)
     g = {"big": rng.standard_normal(9000).astype(np.float32)}
     g |= {f"f{i:02d}": rng.standard_normal(10).astype(np.float32) for i in range(30)}
     g |= {f"h{i}": rng.standard_normal(7).astype(jnp.bfloat16) for i in range(5)}
     g["c"] = (rng.standard_normal(6) + 1j * rng.standard_normal(6)).astype(np.complex64)
-    nu = {k: (rng.uniform(0.05, 1.0, np.shape(x)) ** 2).astype(np.float32) for k, x in g.items()}
+    roots = {k: rng.uniform(0.05, 1.0, np.shape(x)).astype(np.float32) for k, x in g.items()}
+    nu = {k: np.square(r) for k, r in roots.items()}  # v, as SPAM keeps it
     theta = 2.0
     tx = oc.spike_aware_clip(theta, b2=0.9, warmup_steps=0)
-    state = tx.init(jax.tree.map(jnp.asarray, g))._replace(nu=jax.tree.map(jnp.asarray, nu))
+    state = tx.init(jax.tree.map(jnp.asarray, g))._replace(nu=jax.tree.map(jnp.asarray, roots))
     _, state = maybe_jit(tx.update)(jax.tree.map(jnp.asarray, g), state)
     spikes, smallest, size = 0, 1.0, 0
     for k, x in g.items():
