@@ -314,13 +314,18 @@ def _root_jvp(primals, tangents):
     return r, jnp.where(r > 0, dv / (2 * jnp.where(r > 0, r, 1)), 0).astype(r.dtype)
 
 
+def _complex_spikes(mag: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Complex entries of modulus ``mag`` against ``bound``: the spikes, and the factor that
+    brings a spike's modulus down to the bound, keeping its phase (1 elsewhere)."""
+    spike = mag > bound
+    return spike, jnp.where(spike, bound / jnp.where(spike, mag, 1), 1)
+
+
 def _clip_to_bound(xw: jax.Array, bound: jax.Array) -> jax.Array:
     """Entries above ``bound`` in magnitude brought down to it (complex ones keep their
     phase); none where ``bound`` is inf or NaN."""
     if jnp.iscomplexobj(xw):
-        mag = jnp.abs(xw)
-        spike = mag > bound
-        return xw * jnp.where(spike, bound / jnp.where(spike, mag, 1), 1).astype(xw.dtype)
+        return xw * _complex_spikes(jnp.abs(xw), bound)[1].astype(xw.dtype)
     # The sign of a spike (never 0 or NaN) is that of xw < 0: fewer instructions than
     # copysign.
     return jnp.where(jnp.abs(xw) > bound, jnp.where(xw < 0, -bound, bound), xw)
@@ -370,10 +375,9 @@ def _spike_statistics(leaves, roots, new_roots, theta, beta, root_c, anchor, red
     counts, mins = [], []
     for j, ((x, r), wide) in enumerate(zip(chunks, wides)):
         if j not in first_copy:
-            mag, b = jnp.abs(num._wide(x, wide)), root_c.astype(wide) * r.astype(wide)
-            spike = mag > b
+            b = root_c.astype(wide) * r.astype(wide)
+            spike, factor = _complex_spikes(jnp.abs(num._wide(x, wide)), b)
             counts.append(jnp.sum(spike, dtype=_F32))
-            factor = jnp.where(spike, b / jnp.where(spike, mag, 1), 1)
             mins.append(jnp.min(factor, initial=1.0).astype(_F32))
             continue
         k = first_copy[j]
