@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/run.py            # full run: about 7 minutes on 2 CPU cores
+    python benchmarks/run.py            # full run: 6-9 minutes on 2 CPU cores
     python benchmarks/run.py --quick    # smoke run: small trees, about a minute
 
 It runs, in order, ``bench_perf.py`` (compile time at 100/1,000/5,000 leaves, peak memory of
