@@ -341,9 +341,9 @@ def _spike_statistics(leaves, roots, new_roots, theta, beta, root_c, anchor, red
     takes the old roots and computes the new ones itself (:func:`_next_root`, the same
     values): under ``jit`` with shardings left to the compiler, a stack of the new roots
     had it give two leaves' new roots, and their updates, another sharding than their
-    inputs'. Each
-    statistic is one reduction per chunk that XLA fuses with its element-wise producer (on
-    CPU, a compare or select would write a full-size mask to memory first): an entry counts
+    inputs'. Each statistic is one reduction per chunk that XLA fuses with its element-wise
+    producer (on CPU, a compare or select would write a full-size mask to memory first): an
+    entry counts
     ``sign(max(|g| - b, 0))``, or ``min(max(|g| - b, 0) / tiny, 1)`` where ``g`` is
     widened to the roots' dtype (1 for every spike, the difference of two distinct floats
     being at least ``tiny``, subnormals aside, which the CPU flushes; XLA's CPU backend
@@ -354,8 +354,9 @@ def _spike_statistics(leaves, roots, new_roots, theta, beta, root_c, anchor, red
     ``anchor`` a zero that XLA cannot fold). Complex chunks compare magnitudes.
     """
     stacks, reducer = reducer.aligned_chunks(leaves, roots, new_roots)
+    unstacked = {id(r) for r in new_roots}  # a leaf's own new root: not a stack
     chunks = [
-        (x, new if any(new is r for r in new_roots) else _next_root_of(x, old, theta, beta))
+        (x, new if id(new) in unstacked else _next_root_of(x, old, theta, beta))
         for x, old, new in stacks
     ]
     if not chunks:
