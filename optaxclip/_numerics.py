@@ -827,8 +827,14 @@ def _unit_matrix(x: jax.Array, axes: tuple[int, ...], width: int) -> jax.Array:
     """``x`` as one row per unit (its reduced axes last, flattened), zero-padded to ``width``."""
     kept = tuple(i for i in range(x.ndim) if i not in axes)
     rows = math.prod(x.shape[i] for i in kept)
-    matrix = jnp.transpose(x, kept + tuple(axes)).reshape(rows, -1)
-    return jnp.pad(matrix, ((0, 0), (0, width - matrix.shape[1])))
+    # lax, not jnp: a jnp operation is a jit of its own, traced again for every leaf.
+    perm = kept + tuple(axes)
+    if perm != tuple(range(x.ndim)):
+        x = lax.transpose(x, perm)
+    matrix = lax.reshape(x, (rows, x.size // max(rows, 1)))
+    if width == matrix.shape[1]:
+        return matrix
+    return lax.pad(matrix, np.zeros((), matrix.dtype), ((0, 0, 0), (0, width - matrix.shape[1], 0)))
 
 
 class Flat(NamedTuple):
@@ -888,7 +894,7 @@ class _FlatUnits:
         of a 147-leaf tree and 52 in the rescue loop's body."""
         spans = [(self.offsets[i], math.prod(self.shapes[i])) for i in idx]
         return [
-            tuple(v.reshape(self.shapes[i]) for v in piece)
+            tuple(lax.reshape(v, self.shapes[i]) for v in piece)
             for i, piece in zip(idx, leaf_pieces(vectors, spans))
         ]
 
@@ -1230,7 +1236,7 @@ def unit_clip(
         spans = leaf_pieces([p, q, clipped], list(zip(starts.tolist(), counts)))
         for i, span in zip(flat, spans):
             shape = jnp.shape(norms[i].r)
-            factors[i] = tuple(v.reshape(shape) for v in span)
+            factors[i] = tuple(lax.reshape(v, shape) for v in span)
         parts.append((jnp.min(p * q, initial=1.0), jnp.sum(clipped, dtype=np.int32)))
     for i in rest:
         factors[i] = clip_factors(norms[i], limits_for(sizes[i]))
@@ -1410,8 +1416,15 @@ def leaf_pieces(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]]) 
             base, window = start % _BLOCK, blocks[start // _BLOCK]
         else:
             base, window = start, vectors
-        out.append(tuple(v[base : base + count] for v in window))
+        out.append(tuple(_span(v, base, count) for v in window))
     return out
+
+
+def _span(v: jax.Array, start: int, count: int) -> jax.Array:
+    """``v[start : start + count]``, with ``lax`` (``jnp`` indexing is a jit of its own,
+    traced for every leaf: 0.7 s of the 1.6 s trace of ``clip_by_leaf_norm`` over 2,000
+    small leaves)."""
+    return lax.slice(v, (start,), (start + count,))
 
 
 def _copies(parts: Sequence[jax.Array]) -> list[jax.Array]:
