@@ -1685,29 +1685,33 @@ def all_finite(x: jax.Array) -> jax.Array:
 
 # Bit operations have no derivative: differentiated, the bit paths are the conversion and
 # the select they stand for (without these rules, gradients through them were zero).
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _bfloat16_by_bits(y: jax.Array, exact: bool) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _bfloat16_by_bits(y: jax.Array, exact: bool, widened: bool) -> jax.Array:
     """``y.astype(bfloat16)`` for float32 ``y`` (round to nearest, ties to even), from bits.
 
     The top 16 bits of a float32 are its bfloat16; adding ``0x7FFF`` plus the lowest kept
     bit rounds them to nearest even (a carry into the exponent gives the next binade, or
-    infinity past the largest bfloat16, as the conversion does). Only a NaN could carry
-    into the sign bit, so NaNs are mapped to one NaN first. ``exact``: every value of ``y``
-    is a bfloat16 already (or a quiet NaN, whose top bits stay a NaN), so the low bits are
-    dropped.
+    infinity past the largest bfloat16, as the conversion does). A NaN whose low 16 bits
+    are 0x8000 or more could carry into the sign bit (or its payload's top into nothing,
+    turning it into an infinity), so NaNs are mapped to one NaN first, unless ``widened``:
+    then every NaN of ``y`` has low bits 0 (a widened bfloat16 NaN, or the NaN of an invalid
+    operation), to which the rounding adds less than ``0x10000``, keeping its top half.
+    ``exact``: every value of ``y`` is a bfloat16 already (or a quiet NaN, whose top bits
+    stay a NaN), so the low bits are dropped.
     """
     bits = lax.bitcast_convert_type(y, jnp.uint32)
     if exact:
         rounded = bits >> 16
     else:
         rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        rounded = jnp.where(jnp.isnan(y), jnp.uint32(0x7FC0), rounded)
+        if not widened:
+            rounded = jnp.where(jnp.isnan(y), jnp.uint32(0x7FC0), rounded)
     return lax.bitcast_convert_type(rounded.astype(jnp.uint16), jnp.bfloat16)
 
 
 @_bfloat16_by_bits.defjvp
-def _bfloat16_by_bits_jvp(exact, primals, tangents):
-    return _bfloat16_by_bits(primals[0], exact), tangents[0].astype(jnp.bfloat16)
+def _bfloat16_by_bits_jvp(exact, widened, primals, tangents):
+    return _bfloat16_by_bits(primals[0], exact, widened), tangents[0].astype(jnp.bfloat16)
 
 
 @jax.custom_jvp
@@ -1735,7 +1739,7 @@ def _by_bits(x: jax.Array) -> bool:
     return x.size >= SMALL_LEAF and jax.default_backend() == "cpu"
 
 
-def narrow(y: jax.Array, dtype: Any, *, exact: bool = False) -> jax.Array:
+def narrow(y: jax.Array, dtype: Any, *, exact: bool = False, widened: bool = False) -> jax.Array:
     """``y.astype(dtype)``, written so that XLA (CPU) can compute it inside its consumers.
 
     XLA's CPU compiler counts a float32 -> bfloat16 ``convert`` as expensive and never
@@ -1750,13 +1754,17 @@ def narrow(y: jax.Array, dtype: Any, *, exact: bool = False) -> jax.Array:
     less memory bandwidth than on these VMs (a guess, not measured). The values are the
     conversion's (NaN payloads aside). ``exact=True`` promises that ``y`` holds values of
     ``dtype`` (a clamp or a select of them), which then only lose their low bits (a shift
-    instead of the rounding).
+    instead of the rounding). ``widened=True`` promises that every NaN of ``y`` is a value of
+    ``dtype`` widened or the NaN of an invalid operation (``y`` computed from ``dtype``
+    values and factors that are never NaN): its low 16 bits are then 0, the rounding keeps
+    it a NaN, and the select that maps NaNs to one NaN is left out (two of the rounding's
+    instructions, computed in every kernel that reads the result).
     """
     dtype = np.dtype(dtype)
     if y.dtype == dtype:
         return y
     if y.dtype == np.float32 and dtype == jnp.bfloat16 and _by_bits(y):
-        return _bfloat16_by_bits(y, exact)
+        return _bfloat16_by_bits(y, exact, widened)
     return y.astype(dtype)
 
 
@@ -1785,7 +1793,9 @@ def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
     wide = np.float64 if np.float64 in (x.dtype, p.dtype) else np.float32
     # lax, not jnp: a jnp operation is a jit of its own, whose tracing cost is paid per leaf.
     to = lambda v: v if v.dtype == wide else lax.convert_element_type(v, wide)
-    return narrow(lax.mul(to(q), lax.mul(to(p), to(x))), x.dtype)
+    # p and q are never NaN (clip_factors' are not), so every NaN of the product is x's,
+    # widened, or an invalid operation's (inf * 0): see narrow's ``widened``.
+    return narrow(lax.mul(to(q), lax.mul(to(p), to(x))), x.dtype, widened=True)
 
 
 # ---------------------------------------------------------------------------

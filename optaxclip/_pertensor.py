@@ -522,7 +522,8 @@ def spike_aware_clip(
             # spike (see the docstring), so Adam's kernels, which compute it, read no state
             # that this step overwrites, and compute no square root.
             bound = root_now.astype(wide) * new_r.astype(wide)
-            out.append(num.narrow(_clip_to_bound(xw, bound), x.dtype))
+            # Its NaNs are xw's (a spike's test is false on NaN): widened bfloat16 NaNs.
+            out.append(num.narrow(_clip_to_bound(xw, bound), x.dtype, widened=True))
         reducer = num.Reducer.build(updates, axis_name, partition_specs)
         if leaves:
             anchor = state.step.astype(_F32) * 0

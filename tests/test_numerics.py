@@ -377,6 +377,22 @@ def test_narrow_exact_drops_the_low_bits_of_bfloat16_values():
     np.testing.assert_array_equal(got[~nan].view(np.uint16), (y[~nan].view(np.uint32) >> 16))
 
 
+@pytest.mark.parametrize("factor", [1.0, 0.3, 7.5, 2.0**-140, 0.0, np.inf])
+def test_narrow_widened_rounds_products_of_bfloat16_values_like_the_conversion(factor):
+    # widened=True leaves out the select that maps NaNs to one NaN: every NaN of a product
+    # of widened bfloat16 values by a factor that is not NaN (a widened payload, or inf * 0)
+    # has low bits 0, which the rounding keeps a NaN. Every bfloat16, NaN payloads included.
+    x = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+    y = np.asarray(jax.jit(lambda v, f: v * f)(x, np.float32(factor)))
+    got = np.asarray(jax.jit(lambda v: num.narrow(v, jnp.bfloat16, widened=True))(y))
+    with np.errstate(invalid="ignore"):  # signalling NaNs among the patterns
+        expected = y.astype(jnp.bfloat16)
+        nan = np.isnan(expected)
+    assert nan.sum() >= 2 * (2**7 - 1)  # the NaN patterns of bfloat16, at least
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint16), expected[~nan].view(np.uint16))
+
+
 @pytest.mark.parametrize("copies", [1, num.SMALL_LEAF], ids=["small", "large"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_keep_or_zero_keeps_bits_and_writes_positive_zeros(dtype, copies):
