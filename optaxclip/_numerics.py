@@ -1691,11 +1691,12 @@ def _bfloat16_by_bits(y: jax.Array, exact: bool, widened: bool) -> jax.Array:
 
     The top 16 bits of a float32 are its bfloat16; adding ``0x7FFF`` plus the lowest kept
     bit rounds them to nearest even (a carry into the exponent gives the next binade, or
-    infinity past the largest bfloat16, as the conversion does). A NaN whose low 16 bits
-    are 0x8000 or more could carry into the sign bit (or its payload's top into nothing,
-    turning it into an infinity), so NaNs are mapped to one NaN first, unless ``widened``:
-    then every NaN of ``y`` has low bits 0 (a widened bfloat16 NaN, or the NaN of an invalid
-    operation), to which the rounding adds less than ``0x10000``, keeping its top half.
+    infinity past the largest bfloat16, as the conversion does). A NaN with nonzero low 16
+    bits could round to a number (an infinity where its kept mantissa bits are 0, a zero
+    where the carry runs past the exponent), so NaNs are mapped to one NaN first, unless
+    ``widened``: then every NaN of ``y`` has low bits 0 (a widened bfloat16 NaN, or the NaN
+    of an invalid operation), to which the rounding adds at most ``0x8000``, no carry: its
+    top half, a bfloat16 NaN, is kept.
     ``exact``: every value of ``y`` is a bfloat16 already (or a quiet NaN, whose top bits
     stay a NaN), so the low bits are dropped.
     """
