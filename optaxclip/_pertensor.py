@@ -7,6 +7,7 @@ Momentum Reset for Stable LLM Training" (coordinate-wise spike clipping).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -287,24 +288,40 @@ def _next_root(xw, rw, theta, beta) -> jax.Array:
     square, ``theta v`` on a spike (``g**2 > theta v``, as SPAM's code tests it). An
     infinite ``theta`` (the gate closed) finds no spike: ``theta v`` is inf, or NaN where
     ``v = 0``."""
-    v = rw * rw
-    limit = theta.astype(rw.dtype) * v  # SPAM's threshold * exp_avg_sq
-    square = lax.square(jnp.abs(xw)) if jnp.iscomplexobj(xw) else xw * xw
-    square = jnp.where(square > limit, limit, square)
-    return _root(beta.astype(rw.dtype) * v + (1 - beta.astype(rw.dtype)) * square)
+    # lax, not jnp: a jnp operation is a jit of its own, traced for every leaf (this took
+    # half of the trace over 2,000 small leaves).
+    dtype = rw.dtype
+    v = lax.mul(rw, rw)
+    limit = lax.mul(_as(theta, dtype), v)  # SPAM's threshold * exp_avg_sq
+    square = lax.square(jnp.abs(xw)) if jnp.iscomplexobj(xw) else lax.mul(xw, xw)
+    square = lax.select(lax.gt(square, limit), limit, square)
+    b = _as(beta, dtype)
+    return _root(lax.add(lax.mul(b, v), lax.mul(lax.sub(_scalar(1, dtype), b), square)))
+
+
+@functools.cache
+def _scalar(value: float, dtype: np.dtype) -> np.ndarray:
+    """``value`` as a constant of ``dtype``, one object per pair: the trace binds a constant
+    once per object, not once per leaf."""
+    return np.array(value, dtype)
+
+
+def _as(x: Any, dtype: np.dtype) -> jax.Array:
+    """``x.astype(dtype)`` with ``lax`` (no operation where the dtype is already right)."""
+    return x if getattr(x, "dtype", None) == dtype else lax.convert_element_type(x, dtype)
 
 
 def _next_root_of(x, r, theta, beta) -> jax.Array:
     """:func:`_next_root` of a leaf and its root on an active step, stored in ``r``'s dtype."""
     wide = _wide_of(x, r)
-    return _next_root(num._wide(x, wide), r.astype(wide), theta, beta).astype(r.dtype)
+    return _as(_next_root(num._wide(x, wide), _as(r, wide), theta, beta), r.dtype)
 
 
 @jax.custom_jvp
 def _root(v: jax.Array) -> jax.Array:
     """``sqrt(v)`` for ``v >= 0``, whose derivative at 0 is 0 (as ``jnp.abs``' is): an
     entry whose ``v`` is 0 takes no NaN into a gradient (0 times an infinite derivative)."""
-    return jnp.sqrt(v)
+    return lax.sqrt(v)
 
 
 @_root.defjvp
@@ -327,8 +344,9 @@ def _clip_to_bound(xw: jax.Array, bound: jax.Array) -> jax.Array:
     if jnp.iscomplexobj(xw):
         return xw * _complex_spikes(jnp.abs(xw), bound)[1].astype(xw.dtype)
     # The sign of a spike (never 0 or NaN) is that of xw < 0: fewer instructions than
-    # copysign.
-    return jnp.where(jnp.abs(xw) > bound, jnp.where(xw < 0, -bound, bound), xw)
+    # copysign. (lax: see _next_root.)
+    negative = lax.lt(xw, _scalar(0, xw.dtype))
+    return lax.select(lax.gt(lax.abs(xw), bound), lax.select(negative, lax.neg(bound), bound), xw)
 
 
 def _spike_statistics(leaves, roots, new_roots, theta, beta, root_c, anchor, reducer):
@@ -515,13 +533,13 @@ def spike_aware_clip(
         out, new_roots = [], []
         for x, r in zip(leaves, nus):
             wide = _wide_of(x, r)
-            xw, rw = num._wide(num.own_read(x, 1), wide), num.own_read(r, 1).astype(wide)
-            new_r = jnp.where(ok, _next_root(xw, rw, theta_now, beta), rw).astype(r.dtype)
+            xw, rw = num._wide(num.own_read(x, 1), wide), _as(num.own_read(r, 1), wide)
+            new_r = _as(lax.select(ok, _next_root(xw, rw, theta_now, beta), rw), r.dtype)
             new_roots.append(new_r)
             # The update reads only the new root: sqrt(theta v) = root_c * sqrt(v') on a
             # spike (see the docstring), so Adam's kernels, which compute it, read no state
             # that this step overwrites, and compute no square root.
-            bound = root_now.astype(wide) * new_r.astype(wide)
+            bound = lax.mul(_as(root_now, wide), _as(new_r, wide))
             # Its NaNs are xw's (a spike's test is false on NaN): widened bfloat16 NaNs.
             out.append(num.narrow(_clip_to_bound(xw, bound), x.dtype, widened=True))
         reducer = num.Reducer.build(updates, axis_name, partition_specs)
