@@ -1793,10 +1793,16 @@ def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
         return (wide * p.astype(wide.dtype) * q.astype(wide.dtype)).astype(x.dtype)
     wide = np.float64 if np.float64 in (x.dtype, p.dtype) else np.float32
     # lax, not jnp: a jnp operation is a jit of its own, whose tracing cost is paid per leaf.
-    to = lambda v: v if v.dtype == wide else lax.convert_element_type(v, wide)
+    to = lambda v: as_dtype(v, wide)
     # p and q are never NaN (clip_factors' are not), so every NaN of the product is x's,
     # widened, or an invalid operation's (inf * 0): see narrow's ``widened``.
     return narrow(lax.mul(to(q), lax.mul(to(p), to(x))), x.dtype, widened=True)
+
+
+def as_dtype(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x.astype(dtype)`` with ``lax``: no operation where the dtype is already right, and
+    no ``jnp`` call, which is a jit of its own, traced again for every leaf."""
+    return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -292,10 +292,10 @@ def _next_root(xw, rw, theta, beta) -> jax.Array:
     # half of the trace over 2,000 small leaves).
     dtype = rw.dtype
     v = lax.mul(rw, rw)
-    limit = lax.mul(_as(theta, dtype), v)  # SPAM's threshold * exp_avg_sq
+    limit = lax.mul(num.as_dtype(theta, dtype), v)  # SPAM's threshold * exp_avg_sq
     square = lax.square(jnp.abs(xw)) if jnp.iscomplexobj(xw) else lax.mul(xw, xw)
     square = lax.select(lax.gt(square, limit), limit, square)
-    b = _as(beta, dtype)
+    b = num.as_dtype(beta, dtype)
     return _root(lax.add(lax.mul(b, v), lax.mul(lax.sub(_scalar(1, dtype), b), square)))
 
 
@@ -306,15 +306,10 @@ def _scalar(value: float, dtype: np.dtype) -> np.ndarray:
     return np.array(value, dtype)
 
 
-def _as(x: Any, dtype: np.dtype) -> jax.Array:
-    """``x.astype(dtype)`` with ``lax`` (no operation where the dtype is already right)."""
-    return x if getattr(x, "dtype", None) == dtype else lax.convert_element_type(x, dtype)
-
-
 def _next_root_of(x, r, theta, beta) -> jax.Array:
     """:func:`_next_root` of a leaf and its root on an active step, stored in ``r``'s dtype."""
     wide = _wide_of(x, r)
-    return _as(_next_root(num._wide(x, wide), _as(r, wide), theta, beta), r.dtype)
+    return num.as_dtype(_next_root(num._wide(x, wide), num.as_dtype(r, wide), theta, beta), r.dtype)
 
 
 @jax.custom_jvp
@@ -533,13 +528,13 @@ def spike_aware_clip(
         out, new_roots = [], []
         for x, r in zip(leaves, nus):
             wide = _wide_of(x, r)
-            xw, rw = num._wide(num.own_read(x, 1), wide), _as(num.own_read(r, 1), wide)
-            new_r = _as(lax.select(ok, _next_root(xw, rw, theta_now, beta), rw), r.dtype)
+            xw, rw = num._wide(num.own_read(x, 1), wide), num.as_dtype(num.own_read(r, 1), wide)
+            new_r = num.as_dtype(lax.select(ok, _next_root(xw, rw, theta_now, beta), rw), r.dtype)
             new_roots.append(new_r)
             # The update reads only the new root: sqrt(theta v) = root_c * sqrt(v') on a
             # spike (see the docstring), so Adam's kernels, which compute it, read no state
             # that this step overwrites, and compute no square root.
-            bound = lax.mul(_as(root_now, wide), _as(new_r, wide))
+            bound = lax.mul(num.as_dtype(root_now, wide), num.as_dtype(new_r, wide))
             # Its NaNs are xw's (a spike's test is false on NaN): widened bfloat16 NaNs.
             out.append(num.narrow(_clip_to_bound(xw, bound), x.dtype, widened=True))
         reducer = num.Reducer.build(updates, axis_name, partition_specs)
