@@ -834,7 +834,7 @@ def _unit_matrix(x: jax.Array, axes: tuple[int, ...], width: int) -> jax.Array:
     matrix = lax.reshape(x, (rows, x.size // max(rows, 1)))
     if width == matrix.shape[1]:
         return matrix
-    return lax.pad(matrix, np.zeros((), matrix.dtype), ((0, 0, 0), (0, width - matrix.shape[1], 0)))
+    return lax.pad(matrix, constant(0, matrix.dtype), ((0, 0, 0), (0, width - matrix.shape[1], 0)))
 
 
 class Flat(NamedTuple):
@@ -1797,6 +1797,13 @@ def scale_leaf(x: jax.Array, p: jax.Array, q: jax.Array) -> jax.Array:
     # p and q are never NaN (clip_factors' are not), so every NaN of the product is x's,
     # widened, or an invalid operation's (inf * 0): see narrow's ``widened``.
     return narrow(lax.mul(to(q), lax.mul(to(p), to(x))), x.dtype, widened=True)
+
+
+@functools.cache
+def constant(value: float, dtype: np.dtype) -> np.ndarray:
+    """``value`` as a constant of ``dtype``, one object per pair: a trace binds a constant
+    once per object, so code run for every leaf binds it once, not once per leaf."""
+    return np.array(value, dtype)
 
 
 def as_dtype(x: jax.Array, dtype: Any) -> jax.Array:

@@ -7,7 +7,6 @@ Momentum Reset for Stable LLM Training" (coordinate-wise spike clipping).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -296,14 +295,7 @@ def _next_root(xw, rw, theta, beta) -> jax.Array:
     square = lax.square(jnp.abs(xw)) if jnp.iscomplexobj(xw) else lax.mul(xw, xw)
     square = lax.select(lax.gt(square, limit), limit, square)
     b = num.as_dtype(beta, dtype)
-    return _root(lax.add(lax.mul(b, v), lax.mul(lax.sub(_scalar(1, dtype), b), square)))
-
-
-@functools.cache
-def _scalar(value: float, dtype: np.dtype) -> np.ndarray:
-    """``value`` as a constant of ``dtype``, one object per pair: the trace binds a constant
-    once per object, not once per leaf."""
-    return np.array(value, dtype)
+    return _root(lax.add(lax.mul(b, v), lax.mul(lax.sub(num.constant(1, dtype), b), square)))
 
 
 def _next_root_of(x, r, theta, beta) -> jax.Array:
@@ -340,7 +332,7 @@ def _clip_to_bound(xw: jax.Array, bound: jax.Array) -> jax.Array:
         return xw * _complex_spikes(jnp.abs(xw), bound)[1].astype(xw.dtype)
     # The sign of a spike (never 0 or NaN) is that of xw < 0: fewer instructions than
     # copysign. (lax: see _next_root.)
-    negative = lax.lt(xw, _scalar(0, xw.dtype))
+    negative = lax.lt(xw, num.constant(0, xw.dtype))
     return lax.select(lax.gt(lax.abs(xw), bound), lax.select(negative, lax.neg(bound), bound), xw)
 
 
