@@ -19,10 +19,12 @@ Gradients are standard normal, so a threshold of 1.0 always clips. Each contende
 the persistent compilation cache off; two XLA compilations run at once, so these times are
 not the compile-time benchmark's, see bench_perf.py), warmed up, then timed round-robin with
 the other contenders of its tree (so drift in the machine's state hits all of them alike),
-blocking on every output. Nothing is donated; the optimizer state and params are arguments,
-never closed-over constants. The floors are the cheapest programs that touch every gradient
-byte: one read (a float32 sum of squares of every leaf) and one read plus one write
-(``x * s`` with a runtime scalar ``s``).
+blocking on every output, with Python's garbage collector paused. The two programs of a
+target (a clipper and its optax equivalent, the chain and Adam) run back to back in each
+round, and the target is read from those pairs. Nothing is donated; the optimizer state
+and params are arguments, never closed-over constants. The floors are the cheapest programs
+that touch every gradient byte: one read (a float32 sum of squares of every leaf) and one
+read plus one write (``x * s`` with a runtime scalar ``s``).
 
 Compiling over 2,000 leaves is slow on CPU (optax's chain takes about 30 s there), so
 ``--no-small-tree-chains`` times only the floors and the two clippers on that tree.
@@ -39,7 +41,9 @@ Adam needs no gradient-sized temporary), and writes every figure to JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import gc
 import importlib.metadata
 import json
 import math
@@ -105,6 +109,13 @@ OPTAX_EQUIVALENT = {
     OC_AGC: OX_AGC,
 }
 CHAINS = (OC_CHAIN, OX_CHAIN)
+# Each target's two programs, timed back to back in every round (see time_round_robin);
+# the reference of Adam after a plain scaling too, which the chain's target is read beside.
+TIMED_PAIRS = {
+    **{name: ref for name, ref in OPTAX_EQUIVALENT.items() if name not in CHAINS},
+    OC_CHAIN: ADAM,
+    SCALE_CHAIN: ADAM,
+}
 VALUE_LIMIT = 2.0  # clip_by_value's threshold: about 5% of standard-normal entries clip
 BLOCK_RMS = 0.5  # below the RMS (1.0) of standard-normal leaves: every leaf clips
 AGC_CLIPPING = 0.01  # against parameters of norm ~ the gradients': every unit clips
@@ -482,10 +493,48 @@ def inspect_compiled(compiled: Compiled, grad_bytes: int, largest_leaf: int) -> 
     return info
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Python's garbage collector off, after a full collection, as ``timeit`` times.
+
+    A collection landing in a timed call is counted as the call's: after ``bench_clip``
+    in one process, ``bench_adaptive``'s timed section ran 8 full collections of 0.1-0.54 s
+    each (2.7 s in all) and 117 of the middle generation (up to 14 ms) among calls of
+    11-30 ms.
+    """
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@dataclass
+class Timings:
+    """Seconds per call, from :func:`time_round_robin`.
+
+    ``calls``: every timed call of each program. ``rounds``: each round's median call of
+    each program (a program is called more than once in a round when it is the reference
+    of more than one pair). ``adjacent``: per round, the time of a paired program over its
+    reference's, the two timed back to back.
+    """
+
+    calls: dict[str, list[float]]
+    rounds: dict[str, list[float]]
+    adjacent: dict[str, list[float]]
+
+
 def time_round_robin(
-    compiled: Sequence[Compiled], reps: int, warmup: int, settle: bool = True
-) -> dict[str, list]:
-    """Seconds per call of each program, interleaved: rep 1 of all, then rep 2 of all, ...
+    compiled: Sequence[Compiled],
+    reps: int,
+    warmup: int,
+    settle: bool = True,
+    pairs: dict[str, str] | None = None,
+) -> Timings:
+    """Seconds per call of each program, interleaved: round 1 of all, then round 2, ...
 
     Each round runs the programs in a new (seeded) random order, and each timed call
     follows an untimed call of the same program (``settle``). A call pays for the one
@@ -495,23 +544,52 @@ def time_round_robin(
     cost spread the paired ratios' quartiles to +-25%; the untimed call takes that cost.
     Two programs that allocate and free the same buffers pay alike for each other and can
     go without it (``settle=False``), in half the time.
+
+    ``pairs`` maps a program to its reference: the two run back to back in each round, in
+    a random order, after one untimed call of the first (``settle``), and their ratio is
+    that round's ``adjacent`` ratio. The VM's speed changes within a round: its memory
+    bandwidth switches for seconds at a time (Adam alone on the 25M-parameter tree took
+    20 ms or 28 ms, in two clusters, in one probe, and 26-29 ms in the next), so the
+    quartiles of the same-round ratios of two chains with Adam, 13 programs apart, lay
+    0.75-1.28 in one run, against 0.97-1.03 in another.
     """
-    for _ in range(warmup):
-        for c in compiled:
-            jax.block_until_ready(c.call())
-    times: dict[str, list[float]] = {c.contender.name: [] for c in compiled}
+    pairs = pairs or {}
+    by_name = {c.contender.name: c for c in compiled}
+    paired = set(pairs) | set(pairs.values())
+    units = [(name, ref) for name, ref in pairs.items()]
+    units += [(c.contender.name,) for c in compiled if c.contender.name not in paired]
+    calls: dict[str, list[float]] = {name: [] for name in by_name}
+    rounds: dict[str, list[float]] = {name: [] for name in by_name}
+    adjacent: dict[str, list[float]] = {name: [] for name in pairs}
     rng = np.random.default_rng(0)
-    for _ in range(reps):
-        for i in rng.permutation(len(compiled)):
-            c = compiled[i]
-            if settle:
+
+    def timed(name: str) -> float:
+        t0 = time.perf_counter()
+        out = by_name[name].call()
+        jax.block_until_ready(out)
+        seconds = time.perf_counter() - t0
+        del out
+        calls[name].append(seconds)
+        this_round[name].append(seconds)
+        return seconds
+
+    with gc_paused():
+        for _ in range(warmup):
+            for c in compiled:
                 jax.block_until_ready(c.call())
-            t0 = time.perf_counter()
-            out = c.call()
-            jax.block_until_ready(out)
-            times[c.contender.name].append(time.perf_counter() - t0)
-            del out
-    return times
+        for _ in range(reps):
+            this_round: dict[str, list[float]] = {name: [] for name in by_name}
+            for i in rng.permutation(len(units)):
+                unit = [units[i][j] for j in rng.permutation(len(units[i]))]
+                if settle:
+                    jax.block_until_ready(by_name[unit[0]].call())
+                seconds = {name: timed(name) for name in unit}
+                if len(unit) == 2:
+                    name = units[i][0]
+                    adjacent[name].append(seconds[name] / seconds[pairs[name]])
+            for name, ts in this_round.items():
+                rounds[name].append(float(np.median(ts)))
+    return Timings(calls, rounds, adjacent)
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, Any]:
@@ -541,19 +619,23 @@ def references(name: str) -> dict[str, str]:
     return refs
 
 
-def add_ratios(results: dict[str, dict[str, Any]], times: dict[str, list[float]]) -> None:
+def add_ratios(results: dict[str, dict[str, Any]], times: Timings) -> None:
     """Ratios of medians to each reference, and paired ratios.
 
-    A paired ratio divides each round's time by the reference's time in the same round
-    (each round runs every program once, shuffled), so slow drift in the machine's load
-    cancels; its median and quartiles say whether a difference is larger than the noise.
+    A paired ratio divides a program's time by the reference's: timed back to back where
+    the two are a pair of :func:`time_round_robin` (``TIMED_PAIRS``), else in the same
+    round (each round runs every program, shuffled). Slow drift in the machine's load
+    cancels; the median and quartiles say whether a difference is larger than the noise.
     """
     for name, r in results.items():
         refs = {k: ref for k, ref in references(name).items() if ref in results}
         r["ratios"] = {k: r["median_ms"] / results[ref]["median_ms"] for k, ref in refs.items()}
         r["paired_ratios"] = {}
         for k, ref in refs.items():
-            per_round = np.asarray(times[name]) / np.asarray(times[ref])
+            if times.adjacent.get(name) and TIMED_PAIRS.get(name) == ref:
+                per_round = np.asarray(times.adjacent[name])
+            else:
+                per_round = np.asarray(times.rounds[name]) / np.asarray(times.rounds[ref])
             q25, median, q75 = np.percentile(per_round, [25, 50, 75])
             r["paired_ratios"][k] = {"median": float(median), "q25": float(q25), "q75": float(q75)}
 
@@ -591,12 +673,13 @@ def bench_tree(spec: TreeSpec, sizes: Sizes) -> dict[str, Any]:
         for name, ref in pairs.items()
     }
 
-    times = time_round_robin(compiled, sizes.reps, sizes.warmup)
+    timed_pairs = {n: r for n, r in TIMED_PAIRS.items() if n in by_name and r in by_name}
+    times = time_round_robin(compiled, sizes.reps, sizes.warmup, pairs=timed_pairs)
     results = {}
     for c in compiled:
         name = c.contender.name
         results[name] = {
-            **summarize(times[name]),
+            **summarize(times.calls[name]),
             "lower_s": c.lower_s,
             "compile_s": c.compile_s,
             **inspect_compiled(c, grad_bytes, largest_leaf),
@@ -652,16 +735,16 @@ def rescue_cost(ours: Compiled, without: Compiled, reps: int) -> dict[str, Any]:
     the spread between runs, which is wider (runs 32 and 33 on 2,000 small leaves: 0.989x,
     0.977-0.997, and 1.022x, 1.000-1.038).
     """
-    times = time_round_robin([ours, without], reps, 1, settle=False)
-    per_round = np.asarray(times[ours.contender.name]) / np.asarray(times[without.contender.name])
-    median, lo, hi = paired_median_ci(per_round)
+    pair = {ours.contender.name: without.contender.name}
+    times = time_round_robin([ours, without], reps, 1, settle=False, pairs=pair)
+    median, lo, hi = paired_median_ci(times.adjacent[ours.contender.name])
     return {"reps": reps, "median": median, "ci95": [lo, hi]}
 
 
 def tree_targets(results: dict[str, Any], rescue: dict[str, Any]) -> dict[str, Any]:
     """The issue's runtime targets on this tree, from paired medians (the ratio of each
-    round's time to the reference's in the same round); the rescue's from its own rounds
-    (:func:`rescue_cost`)."""
+    round's time to the reference's, the two timed back to back); the rescue's from its own
+    rounds (:func:`rescue_cost`)."""
     paired = lambda name, key: results[name]["paired_ratios"][key]["median"]
     out: dict[str, Any] = {}
     for name, ref in OPTAX_EQUIVALENT.items():
@@ -979,8 +1062,8 @@ Threshold {MAX_NORM} on standard-normal gradients: every call clips. Floors: one
 every gradient byte (float32 sum of squares) and one read + one write (x * s). A clipper
 reads twice and writes once (ideal: read floor + r+w floor); in a chain the scaling can
 fuse into Adam (ideal: adam + read floor). "× optax paired" is the median of per-round
-ratios (each round runs every program once, in a shuffled order), robust to drift in the
-machine's load."""
+ratios (each round runs every program in a shuffled order, a clipper back to back with its
+optax equivalent and a chain with Adam), robust to drift in the machine's load."""
 
 
 def report_machine(machine: dict[str, Any]) -> str:

@@ -162,3 +162,37 @@ def test_paired_median_interval_tells_a_one_percent_cost_from_none():
     median, lo, hi = bench_clip.paired_median_ci(1.01 + noise)
     assert lo > 1.0
     assert bench_clip.paired_median_ci([1.5] * 20) == (1.5, 1.5, 1.5)
+
+
+def test_round_robin_times_each_pair_back_to_back():
+    sys.path.insert(0, str(BENCHMARKS))
+    import gc
+
+    import bench_clip
+
+    log: list[str] = []
+
+    def program(name: str) -> bench_clip.Compiled:
+        run = lambda: log.append(name) or np.zeros(())
+        return bench_clip.Compiled(bench_clip.Contender(name, run, ()), run, 0.0, 0.0)
+
+    names = ["base", "a", "b", "c"]
+    pairs = {"a": "base", "b": "base"}
+    times = bench_clip.time_round_robin([program(n) for n in names], 5, 1, pairs=pairs)
+    assert gc.isenabled()
+    assert {n: len(t) for n, t in times.calls.items()} == {"base": 10, "a": 5, "b": 5, "c": 5}
+    assert all(len(times.rounds[n]) == 5 for n in names)
+    assert set(times.adjacent) == {"a", "b"} and all(len(v) == 5 for v in times.adjacent.values())
+    # After the warm-up (one call each), every unit is an untimed call of its first program,
+    # then its programs timed back to back: a pair in either order, or a single program.
+    rest, orders = log[len(names) :], set()
+    while rest:
+        if rest[0] == "c":
+            assert rest[:2] == ["c", "c"]
+            rest = rest[2:]
+            continue
+        first, again, second = rest[:3]
+        assert first == again and {first, second} in ({"a", "base"}, {"b", "base"})
+        orders.add((first, second))
+        rest = rest[3:]
+    assert ("base", "a") in orders and ("a", "base") in orders  # both orders occur
