@@ -183,16 +183,17 @@ def test_round_robin_times_each_pair_back_to_back():
     assert {n: len(t) for n, t in times.calls.items()} == {"base": 10, "a": 5, "b": 5, "c": 5}
     assert all(len(times.rounds[n]) == 5 for n in names)
     assert set(times.adjacent) == {"a", "b"} and all(len(v) == 5 for v in times.adjacent.values())
-    # After the warm-up (one call each), every unit is an untimed call of its first program,
-    # then its programs timed back to back: a pair in either order, or a single program.
+    # After the warm-up (one call each), every unit is its programs back to back, each
+    # timed call after an untimed one of its own: a pair in either order, or a single one.
     rest, orders = log[len(names) :], set()
     while rest:
         if rest[0] == "c":
             assert rest[:2] == ["c", "c"]
             rest = rest[2:]
             continue
-        first, again, second = rest[:3]
-        assert first == again and {first, second} in ({"a", "base"}, {"b", "base"})
+        first, again, second, twice = rest[:4]
+        assert first == again and second == twice
+        assert {first, second} in ({"a", "base"}, {"b", "base"})
         orders.add((first, second))
-        rest = rest[3:]
+        rest = rest[4:]
     assert ("base", "a") in orders and ("a", "base") in orders  # both orders occur
