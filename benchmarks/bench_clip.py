@@ -531,31 +531,32 @@ def time_round_robin(
     compiled: Sequence[Compiled],
     reps: int,
     warmup: int,
-    settle: bool = True,
+    settle: str = "each",
     pairs: dict[str, str] | None = None,
 ) -> Timings:
     """Seconds per call of each program, interleaved: round 1 of all, then round 2, ...
 
-    Each round runs the programs in a new (seeded) random order, and each timed call
-    follows an untimed call of the same program (``settle``). A call pays for the one
+    Each round runs the programs in a new (seeded) random order. A call pays for the one
     before it: in a fixed order, ``skip_spikes()`` measured 1.09-1.12x
     ``clip_by_global_norm`` right after ``spike_aware_clip`` (which frees two
     gradient-sized arrays per call), and 1.01x in shuffled rounds, where the neighbours'
-    cost spread the paired ratios' quartiles to +-25%; the untimed call takes that cost.
-    Two programs that allocate and free the same buffers pay alike for each other and can
-    go without it (``settle=False``), in half the time.
+    cost spread the paired ratios' quartiles to +-25%. So with ``settle="each"`` every
+    timed call follows an untimed call of its own program, which takes that cost.
 
     ``pairs`` maps a program to its reference: the two run back to back in each round, in
-    a random order, each timed call still after an untimed one of its own (``settle``; with
-    one untimed call before the pair, ``clip_by_global_norm`` on bfloat16 timed after
-    optax's, which frees a float32 copy of the gradients, took 7.1 ms, IQR 3.3 ms, against
-    5.4 ms, IQR 1.0 ms, the run before), and their ratio is that round's ``adjacent``
-    ratio. The VM's speed changes within a round: its memory
-    bandwidth switches for seconds at a time (Adam alone on the 25M-parameter tree took
-    20 ms or 28 ms, in two clusters, in one probe, and 26-29 ms in the next), so the
-    quartiles of the same-round ratios of two chains with Adam, 13 programs apart, lay
-    0.75-1.28 in one run, against 0.97-1.03 in another.
+    a random order, and their ratio is that round's ``adjacent`` ratio. The VM's speed
+    changes within a round (Adam alone on the 25M-parameter tree took about 20 ms or about
+    28 ms, in two clusters, in one probe, and 26-29 ms in the next), so the quartiles of
+    the same-round ratios of two chains with Adam, up to 13 programs apart, lay 0.75-1.28
+    in one run. Programs that allocate and free the same buffers pay alike for each other:
+    ``settle="unit"`` makes one untimed call before each pair (of its first program) or
+    single program, ``settle="none"`` none, in fewer calls. Where one program of a pair
+    frees more than the other, each needs its own: with one untimed call before the pair,
+    ``clip_by_global_norm`` on bfloat16 timed after optax's, which frees a float32 copy of
+    the gradients, took 7.1 ms (IQR 3.3 ms) against 5.4 ms (IQR 1.0 ms).
     """
+    if settle not in ("each", "unit", "none"):
+        raise ValueError(f"settle must be 'each', 'unit' or 'none', got {settle!r}")
     pairs = pairs or {}
     by_name = {c.contender.name: c for c in compiled}
     paired = set(pairs) | set(pairs.values())
@@ -584,9 +585,9 @@ def time_round_robin(
             this_round: dict[str, list[float]] = {name: [] for name in by_name}
             for i in rng.permutation(len(units)):
                 seconds = {}
-                for j in rng.permutation(len(units[i])):
+                for k, j in enumerate(rng.permutation(len(units[i]))):
                     name = units[i][j]
-                    if settle:
+                    if settle == "each" or (settle == "unit" and k == 0):
                         jax.block_until_ready(by_name[name].call())
                     seconds[name] = timed(name)
                 if len(units[i]) == 2:
@@ -741,7 +742,7 @@ def rescue_cost(ours: Compiled, without: Compiled, reps: int) -> dict[str, Any]:
     0.977-0.997, and 1.022x, 1.000-1.038).
     """
     pair = {ours.contender.name: without.contender.name}
-    times = time_round_robin([ours, without], reps, 1, settle=False, pairs=pair)
+    times = time_round_robin([ours, without], reps, 1, settle="none", pairs=pair)
     median, lo, hi = paired_median_ci(times.adjacent[ours.contender.name])
     return {"reps": reps, "median": median, "ci95": [lo, hi]}
 

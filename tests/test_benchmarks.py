@@ -164,7 +164,8 @@ def test_paired_median_interval_tells_a_one_percent_cost_from_none():
     assert bench_clip.paired_median_ci([1.5] * 20) == (1.5, 1.5, 1.5)
 
 
-def test_round_robin_times_each_pair_back_to_back():
+@pytest.mark.parametrize("settle", ["each", "unit"])
+def test_round_robin_times_each_pair_back_to_back(settle):
     sys.path.insert(0, str(BENCHMARKS))
     import gc
 
@@ -178,22 +179,30 @@ def test_round_robin_times_each_pair_back_to_back():
 
     names = ["base", "a", "b", "c"]
     pairs = {"a": "base", "b": "base"}
-    times = bench_clip.time_round_robin([program(n) for n in names], 5, 1, pairs=pairs)
+    programs = [program(n) for n in names]
+    times = bench_clip.time_round_robin(programs, 5, 1, settle=settle, pairs=pairs)
     assert gc.isenabled()
     assert {n: len(t) for n, t in times.calls.items()} == {"base": 10, "a": 5, "b": 5, "c": 5}
     assert all(len(times.rounds[n]) == 5 for n in names)
     assert set(times.adjacent) == {"a", "b"} and all(len(v) == 5 for v in times.adjacent.values())
     # After the warm-up (one call each), every unit is its programs back to back, each
-    # timed call after an untimed one of its own: a pair in either order, or a single one.
+    # timed call after an untimed one of its own ("each") or the pair after one untimed
+    # call of its first program ("unit"): a pair in either order, or a single program.
     rest, orders = log[len(names) :], set()
     while rest:
         if rest[0] == "c":
             assert rest[:2] == ["c", "c"]
             rest = rest[2:]
             continue
-        first, again, second, twice = rest[:4]
-        assert first == again and second == twice
-        assert {first, second} in ({"a", "base"}, {"b", "base"})
+        if settle == "each":
+            first, again, second, twice = rest[:4]
+            assert second == twice
+            rest = rest[4:]
+        else:
+            first, again, second = rest[:3]
+            rest = rest[3:]
+        assert first == again and {first, second} in ({"a", "base"}, {"b", "base"})
         orders.add((first, second))
-        rest = rest[4:]
     assert ("base", "a") in orders and ("a", "base") in orders  # both orders occur
+    with pytest.raises(ValueError, match="settle must be"):
+        bench_clip.time_round_robin(programs, 1, 0, settle=True)
