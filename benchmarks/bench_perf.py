@@ -244,7 +244,7 @@ def bench_compile(quick: bool) -> dict[str, Any]:
     an earlier VM both ran about 25% slower at once. One sample at 4,995 leaves is a poor
     one: four single rounds in a row, of one commit, read 1.29x, 1.39x, 1.14x and 1.09x,
     while Adam's own compile took 52-74 s (much of both compiles is spent in two XLA
-    algorithms quadratic in the ~15,000 kernels, waiting on memory: see the README).
+    algorithms quadratic in the ~15,000 kernels, waiting on memory: see benchmarks/README.md).
     """
     out: dict[str, Any] = {}
     rng = np.random.default_rng(SEED)
