@@ -285,13 +285,9 @@ def state_phase(key: str, state: Any) -> dict[str, Any]:
 
 
 def paired(times: Timings, name: str, ref: str) -> dict[str, float]:
-    """Quartiles of the per-round ratio of ``name``'s time to ``ref``'s: timed back to back
-    where the two are a pair of :func:`time_round_robin`, else in the same round."""
-    if times.adjacent.get(name) and TIMED_PAIRS.get(name) == ref:
-        per_round = np.asarray(times.adjacent[name])
-    else:
-        per_round = np.asarray(times.rounds[name]) / np.asarray(times.rounds[ref])
-    q25, median, q75 = np.percentile(per_round, [25, 50, 75])
+    """Quartiles of the per-round ratio of ``name``'s time to ``ref``'s
+    (:meth:`Timings.per_round`)."""
+    q25, median, q75 = np.percentile(times.per_round(name, ref), [25, 50, 75])
     return {"median": float(median), "q25": float(q25), "q75": float(q75)}
 
 

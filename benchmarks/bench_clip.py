@@ -525,6 +525,14 @@ class Timings:
     calls: dict[str, list[float]]
     rounds: dict[str, list[float]]
     adjacent: dict[str, list[float]]
+    pairs: dict[str, str]
+
+    def per_round(self, name: str, ref: str) -> np.ndarray:
+        """Each round's ratio of ``name``'s time to ``ref``'s: of the two calls timed back
+        to back where they are a pair, else of the two programs' calls in the round."""
+        if self.pairs.get(name) == ref:
+            return np.asarray(self.adjacent[name])
+        return np.asarray(self.rounds[name]) / np.asarray(self.rounds[ref])
 
 
 def time_round_robin(
@@ -595,7 +603,7 @@ def time_round_robin(
                     adjacent[name].append(seconds[name] / seconds[pairs[name]])
             for name, ts in this_round.items():
                 rounds[name].append(float(np.median(ts)))
-    return Timings(calls, rounds, adjacent)
+    return Timings(calls, rounds, adjacent, dict(pairs))
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, Any]:
@@ -638,11 +646,7 @@ def add_ratios(results: dict[str, dict[str, Any]], times: Timings) -> None:
         r["ratios"] = {k: r["median_ms"] / results[ref]["median_ms"] for k, ref in refs.items()}
         r["paired_ratios"] = {}
         for k, ref in refs.items():
-            if times.adjacent.get(name) and TIMED_PAIRS.get(name) == ref:
-                per_round = np.asarray(times.adjacent[name])
-            else:
-                per_round = np.asarray(times.rounds[name]) / np.asarray(times.rounds[ref])
-            q25, median, q75 = np.percentile(per_round, [25, 50, 75])
+            q25, median, q75 = np.percentile(times.per_round(name, ref), [25, 50, 75])
             r["paired_ratios"][k] = {"median": float(median), "q25": float(q25), "q75": float(q75)}
 
 

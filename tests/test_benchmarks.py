@@ -185,6 +185,9 @@ def test_round_robin_times_each_pair_back_to_back(settle):
     assert {n: len(t) for n, t in times.calls.items()} == {"base": 10, "a": 5, "b": 5, "c": 5}
     assert all(len(times.rounds[n]) == 5 for n in names)
     assert set(times.adjacent) == {"a", "b"} and all(len(v) == 5 for v in times.adjacent.values())
+    np.testing.assert_array_equal(times.per_round("a", "base"), times.adjacent["a"])
+    same_round = np.asarray(times.rounds["c"]) / np.asarray(times.rounds["base"])
+    np.testing.assert_array_equal(times.per_round("c", "base"), same_round)
     # After the warm-up (one call each), every unit is its programs back to back, each
     # timed call after an untimed one of its own ("each") or the pair after one untimed
     # call of its first program ("unit"): a pair in either order, or a single program.
