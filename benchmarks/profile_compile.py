@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +61,17 @@ THREAD_KINDS = {
 }
 # The main thread's event around the compile: it waits there for the compiler thread.
 WAIT = "backend_compile_and_load"
+MAIN_EVENTS = frozenset({WAIT, "lower_sharding_computation"})
 
 
-def thread_kind(line_name: str) -> str | None:
-    """``tf_xla-cpu-codegen/-5329813957224434623`` -> ``codegen``; None for other lines."""
-    return THREAD_KINDS.get(line_name.split("/")[0])
+def thread_kind(line_name: str, event_names: Collection[str] = ()) -> str | None:
+    """``tf_xla-cpu-codegen/-5329813957224434623`` -> ``codegen``; None for other lines. A
+    line that lowers or waits for the compile is the main thread whatever its name (the
+    profiler names a thread by what the system calls it)."""
+    kind = THREAD_KINDS.get(line_name.split("/")[0])
+    if kind is None and not MAIN_EVENTS.isdisjoint(event_names):
+        return "main"
+    return kind
 
 
 def event_name(name: str) -> str:
@@ -81,7 +87,7 @@ def thread_times(lines: Sequence[tuple[str, list[tuple[int, int, str]]]]) -> dic
     thread's wait for the compile (:data:`WAIT`) is left out."""
     out: dict[str, float] = defaultdict(float)
     for line, events in lines:
-        kind = thread_kind(line)
+        kind = thread_kind(line, {name for _, _, name in events})
         if kind is None:
             continue
         for name, ns in exclusive_times(events).items():
