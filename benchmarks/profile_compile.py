@@ -19,7 +19,9 @@ then code generation, which it hands out) and the ``codegen`` threads (each fusi
 kernel compiled from MLIR to LLVM to machine code). Thread time is exclusive, as in
 ``profile_step.py``: an HLO pass pipeline counts only the time none of its passes
 accounts for, and the main thread's wait for the compile is left out. The figures are
-medians over the rounds.
+medians over the rounds (an event missing from a round counts 0 there: the profiler now and
+then records none of a thread's events, seen once for the main thread of a 15-leaf compile
+in a CI run under load).
 
 For each program after the first, a table lists the events whose thread time differs most
 from the first program's (by default Adam), each with its share of the whole difference,
