@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_clip
 import bench_perf
 from bench_clip import markdown_table
-from profile_step import exclusive_times
+from profile_step import exclusive_times, load_trace
 
 DEFAULT_PROGRAMS = ("adam", bench_perf.OURS)
 THREAD_KINDS = {
@@ -99,10 +99,8 @@ def thread_times(lines: Sequence[tuple[str, list[tuple[int, int, str]]]]) -> dic
 
 
 def read_lines(trace_dir: Path) -> list[tuple[str, list[tuple[int, int, str]]]]:
-    paths = sorted(trace_dir.glob("**/*.xplane.pb"))
-    if not paths:
-        raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
-    data = jax.profiler.ProfileData.from_file(str(paths[-1]))
+    """Every line of the trace as ``(line name, [(start ns, duration ns, event name)])``."""
+    data = load_trace(trace_dir)
     return [
         (line.name, [(e.start_ns, e.duration_ns, e.name) for e in line.events])
         for plane in data.planes

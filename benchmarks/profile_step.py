@@ -93,13 +93,18 @@ def busy_ns(events: list[tuple[int, int, str]]) -> int:
     return total
 
 
-def read_trace(trace_dir: Path) -> tuple[dict[int, tuple[int, int]], dict[str, list]]:
-    """The annotated calls' windows (call index -> (start, end) ns) and every worker
-    thread's events (line name -> [(start, duration, name)])."""
+def load_trace(trace_dir: Path) -> Any:
+    """The ``jax.profiler.ProfileData`` of the trace written under ``trace_dir``."""
     paths = sorted(trace_dir.glob("**/*.xplane.pb"))
     if not paths:
         raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
-    data = jax.profiler.ProfileData.from_file(str(paths[-1]))
+    return jax.profiler.ProfileData.from_file(str(paths[-1]))
+
+
+def read_trace(trace_dir: Path) -> tuple[dict[int, tuple[int, int]], dict[str, list]]:
+    """The annotated calls' windows (call index -> (start, end) ns) and every worker
+    thread's events (line name -> [(start, duration, name)])."""
+    data = load_trace(trace_dir)
     calls: dict[int, tuple[int, int]] = {}
     threads: dict[str, list] = defaultdict(list)
     pattern = re.compile(re.escape(_CALL).replace(r"\{\}", r"(\d+)") + "$")
