@@ -5,7 +5,7 @@ Run from the repository root::
     python benchmarks/profile_compile.py                        # 999 leaves, 3 rounds
     python benchmarks/profile_compile.py --leaves 99 --rounds 9 \\
         --programs adam "chain(x * runtime scalar, adam)"
-    python benchmarks/profile_compile.py --quick                # 24 leaves, a smoke run
+    python benchmarks/profile_compile.py --quick                # 15 leaves, a smoke run
 
 The programs are ``bench_perf.py``'s compile-time programs (Adam, our chain, optax's chain,
 and the scaling reference ``chain(x * runtime scalar, adam)``) over its transformer-like
@@ -253,7 +253,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=bench_clip._positive_int, default=3)
     parser.add_argument("--top", type=bench_clip._positive_int, default=12, help="rows per table")
     parser.add_argument("--seed", type=int, default=0, help="the rounds' shuffles")
-    parser.add_argument("--quick", action="store_true", help="24 leaves, one round")
+    parser.add_argument(
+        "--quick", action="store_true", help="one round at bench_perf's quick size (15 leaves)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return parser.parse_args(argv)
 
