@@ -33,6 +33,12 @@ A clipper has to read the gradients twice (norm, then scale) and write them once
 an ideal unfused one costs about the read floor plus the read+write floor; fused into
 Adam, the scaling is free and the chain should cost about Adam plus the read floor.
 
+Two references are printed beside the targets, on the trees with the chains: Adam after
+a scaling by a runtime scalar (no norm) against Adam alone, and ``oc.clip_by_value``
+against ``optax.clip`` with the statistics ``oc.clip_by_value`` records computed by hand in
+jnp (the norm, the largest entry, the fraction clipped): what those statistics cost
+written the obvious way, where ``optax.clip`` computes none.
+
 The script prints a markdown table per tree, the memory analysis of every compiled
 program (XLA's temp buffer size against the gradient bytes: a clipper that fuses into
 Adam needs no gradient-sized temporary), and writes every figure to JSON.
@@ -96,6 +102,10 @@ OC_LEAF = "optaxclip.clip_by_leaf_norm"
 OX_LEAF = "optax: per-leaf norm clip (tree_map)"
 OC_AGC = "optaxclip.adaptive_grad_clip"
 OX_AGC = "optax.adaptive_grad_clip"
+# optax.clip plus the statistics oc.clip_by_value records (norm, largest entry, fraction
+# clipped), written in jnp as a user would: what the ClipStats cost by hand (a reference
+# printed beside clip_by_value's target, on the trees with the chains; not a target).
+OX_VALUE_STATS = "optax.clip + the same statistics (jnp)"
 # clip_by_global_norm without its overflow/underflow rescue: what the rescue costs untaken.
 OC_NO_RESCUE = "clip_by_global_norm, rescue removed"
 
@@ -269,6 +279,32 @@ def optax_leaf_norm_clip(max_norm: float) -> optax.GradientTransformation:
     return optax.stateless(lambda updates, params: jax.tree.map(clip, updates))
 
 
+def optax_clip_with_stats(max_value: float) -> optax.GradientTransformation:
+    """``optax.clip`` and the statistics ``oc.clip_by_value`` keeps in its ``ClipStats``,
+    written in jnp as a user would: the global norm before clipping (``optax.tree.norm``),
+    the scale ``max_value / max |g|`` when anything clips, and the fraction of entries
+    above ``max_value``. Held in the state, so XLA computes them."""
+    clip = optax.clip(max_value)
+
+    def init(params):
+        del params
+        return {k: jnp.zeros((), jnp.float32) for k in ("norm", "scale", "clipped")}
+
+    def update(updates, state, params=None):
+        del state, params
+        leaves = jax.tree.leaves(updates)
+        largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in leaves]))
+        over = sum(jnp.sum(jnp.abs(x) > max_value) for x in leaves)
+        stats = {
+            "norm": optax.tree.norm(updates).astype(jnp.float32),
+            "scale": jnp.where(largest > max_value, max_value / largest, 1.0),
+            "clipped": over / sum(x.size for x in leaves),
+        }
+        return clip.update(updates, optax.EmptyState())[0], stats
+
+    return optax.GradientTransformation(init, update)
+
+
 def scale_by_runtime_scalar() -> optax.GradientTransformation:
     """Every leaf times one float32 scalar held in the state (so not a constant XLA could
     fold), in float32 and cast back to the leaf's dtype, as a user would write it: what a
@@ -331,6 +367,7 @@ def contender_factories(grads: Any, params: Any, with_chains: bool) -> dict[str,
             OC_CHAIN: (lambda: optax.chain(oc.clip_by_global_norm(MAX_NORM), adam()), params),
             OX_CHAIN: (lambda: optax.chain(optax.clip_by_global_norm(MAX_NORM), adam()), params),
             SCALE_CHAIN: (lambda: optax.chain(scale_by_runtime_scalar(), adam()), params),
+            OX_VALUE_STATS: (lambda: optax_clip_with_stats(VALUE_LIMIT), params),
         }
     factories = {
         FLOOR_READ: lambda: Contender(FLOOR_READ, floor_read, (grads,)),
@@ -630,6 +667,8 @@ def references(name: str) -> dict[str, str]:
         refs["vs_optax"] = OPTAX_EQUIVALENT[name]
     if name in CHAINS or name == SCALE_CHAIN:
         refs["vs_adam"] = ADAM
+    if name == OC_VALUE:
+        refs["vs_stats_by_hand"] = OX_VALUE_STATS
     return refs
 
 
@@ -660,6 +699,17 @@ def max_relative_difference(a: Any, b: Any) -> float:
     return diff / scale if scale else diff
 
 
+def stats_by_hand_difference(ours: Any, by_hand: Any) -> float:
+    """The largest relative difference between ``oc.clip_by_value``'s output and
+    statistics (``ours``: updates and state) and :func:`optax_clip_with_stats`'s."""
+    (out, state), (ref_out, ref) = ours, by_hand
+    diffs = [max_relative_difference(out, ref_out)]
+    for field in ("norm", "scale", "clipped"):
+        a, b = float(getattr(state.stats, field)), float(ref[field])
+        diffs.append(abs(a - b) / abs(b) if b else abs(a))
+    return max(diffs)
+
+
 def bench_tree(spec: TreeSpec, sizes: Sizes) -> dict[str, Any]:
     """Builds the tree, compiles and times every contender, and inspects the programs."""
     grads = random_tree(spec.shapes, spec.dtype, SEED)
@@ -683,6 +733,12 @@ def bench_tree(spec: TreeSpec, sizes: Sizes) -> dict[str, Any]:
         for name, ref in pairs.items()
     }
 
+    stats_diff = None
+    if OX_VALUE_STATS in by_name:
+        stats_diff = stats_by_hand_difference(
+            by_name[OC_VALUE].call(), by_name[OX_VALUE_STATS].call()
+        )
+
     timed_pairs = {n: r for n, r in TIMED_PAIRS.items() if n in by_name and r in by_name}
     times = time_round_robin(compiled, sizes.reps, sizes.warmup, pairs=timed_pairs)
     results = {}
@@ -696,7 +752,7 @@ def bench_tree(spec: TreeSpec, sizes: Sizes) -> dict[str, Any]:
         }
     add_ratios(results, times)
     rescue = rescue_cost(by_name[OC_CLIP], by_name[OC_NO_RESCUE], sizes.rescue_reps)
-    skipped = [] if spec.with_chains else [ADAM, OC_CHAIN, OX_CHAIN, SCALE_CHAIN]
+    skipped = [] if spec.with_chains else [ADAM, OC_CHAIN, OX_CHAIN, SCALE_CHAIN, OX_VALUE_STATS]
     return {
         "title": spec.title,
         "dtype": str(jnp.dtype(spec.dtype)),
@@ -708,6 +764,7 @@ def bench_tree(spec: TreeSpec, sizes: Sizes) -> dict[str, Any]:
         "max_norm": MAX_NORM,
         "clip_max_rel_diff_vs_optax": clip_diff,
         "pair_max_rel_diff": pair_diffs,
+        "value_stats_by_hand_max_rel_diff": stats_diff,
         "targets": tree_targets(results, rescue),
         "references": tree_references(results),
         "reps": sizes.reps,
@@ -785,10 +842,16 @@ def tree_targets(results: dict[str, Any], rescue: dict[str, Any]) -> dict[str, A
 
 def tree_references(results: dict[str, Any]) -> dict[str, float]:
     """Paired ratios that are not targets but bear on one: Adam after a scaling by a
-    runtime scalar (no norm) against Adam alone, beside the chain's target."""
-    if SCALE_CHAIN not in results:
-        return {}
-    return {f"{SCALE_CHAIN} / adam": results[SCALE_CHAIN]["paired_ratios"]["vs_adam"]["median"]}
+    runtime scalar (no norm) against Adam alone, beside the chain's target; and
+    ``clip_by_value`` against ``optax.clip`` with the same statistics computed by hand,
+    beside its target (what the statistics cost written another way)."""
+    out = {}
+    if SCALE_CHAIN in results:
+        out[f"{SCALE_CHAIN} / adam"] = results[SCALE_CHAIN]["paired_ratios"]["vs_adam"]["median"]
+    if OX_VALUE_STATS in results:
+        ratio = results[OC_VALUE]["paired_ratios"]["vs_stats_by_hand"]["median"]
+        out[f"{OC_VALUE} / ({OX_VALUE_STATS})"] = ratio
+    return out
 
 
 def temp_check(results: dict[str, Any], grad_bytes: int, largest_leaf: int) -> dict[str, Any]:

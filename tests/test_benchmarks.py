@@ -82,15 +82,24 @@ def test_run_quick_writes_every_section(tmp_path):
     # Adam after a runtime scalar, beside the chain target of every tree with the chains.
     refs = {(r["where"], r["what"]) for r in run["references"] if r["ratio"] > 0}
     scale = "chain(x * runtime scalar, adam) / adam"
-    assert refs == {("transformer_f32", scale), ("transformer_bf16", scale)}
+    # And clip_by_value against optax.clip with the same statistics computed by hand.
+    by_hand = "optaxclip.clip_by_value / (optax.clip + the same statistics (jnp))"
+    trees = ("transformer_f32", "transformer_bf16")
+    assert refs == {(t, r) for t in trees for r in (scale, by_hand)}
 
     clip = json.loads((tmp_path / "bench_clip.json").read_text())
-    for tree in clip["trees"].values():
+    for key, tree in clip["trees"].items():
         assert tree["clip_max_rel_diff_vs_optax"] < (1e-2 if tree["dtype"] == "bfloat16" else 1e-5)
         agc = set() if tree["leaves"] <= 500 else {"optaxclip.adaptive_grad_clip"}
         assert set(tree["pair_max_rel_diff"]) == FIXED_PAIRS - agc
         tol = 2e-2 if tree["dtype"] == "bfloat16" else 1e-5
         assert max(tree["pair_max_rel_diff"].values()) < tol, tree["pair_max_rel_diff"]
+        # The by-hand statistics are ours (bfloat16: optax's norm sums in bfloat16).
+        by_hand_diff = tree["value_stats_by_hand_max_rel_diff"]
+        if key == "small_leaves_f32":  # without the chains in run.py, and without it
+            assert by_hand_diff is None
+        else:
+            assert by_hand_diff < tol, by_hand_diff
 
     adaptive = json.loads((tmp_path / "bench_adaptive.json").read_text())
     assert set(adaptive["methods"]) == ADAPTIVE_METHODS
@@ -139,6 +148,28 @@ def test_crossed_ratio_cancels_a_factor_shared_by_the_second_compiles():
     assert bench_perf.crossed_ratio(paired) == pytest.approx(true)
     assert sorted(paired)[0] < true < float(sum(paired) / 2)  # the mean would be too high
     assert bench_perf.crossed_ratio([1.2]) == pytest.approx(1.2)
+
+
+def test_clip_with_stats_by_hand_records_what_clip_by_value_records():
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_clip
+    import jax.numpy as jnp
+
+    import optaxclip as oc
+
+    # Hand-computed: norm sqrt(9 + 0.25 + 16 + 1), largest 4 (scale 2/4), 2 of 4 entries clip.
+    g = {"a": jnp.array([-3.0, 0.5]), "b": jnp.array([4.0, 1.0])}
+    tx = bench_clip.optax_clip_with_stats(2.0)
+    out, stats = tx.update(g, tx.init(g))
+    np.testing.assert_array_equal(out["a"], [-2.0, 0.5])
+    np.testing.assert_array_equal(out["b"], [2.0, 1.0])
+    assert float(stats["norm"]) == pytest.approx(26.25**0.5, rel=1e-6)
+    assert float(stats["scale"]) == 0.5 and float(stats["clipped"]) == 0.5
+    ours = oc.clip_by_value(2.0)
+    assert bench_clip.stats_by_hand_difference(ours.update(g, ours.init(g)), (out, stats)) < 1e-6
+    # Nothing above the bound: scale 1, nothing clipped.
+    _, stats = bench_clip.optax_clip_with_stats(5.0).update(g, tx.init(g))
+    assert float(stats["scale"]) == 1.0 and float(stats["clipped"]) == 0.0
 
 
 def test_bench_perf_rejects_bad_sections():
