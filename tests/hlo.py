@@ -124,6 +124,13 @@ def _fusions_of_shape(text: str, shape: str) -> list[str]:
     return re.findall(rf"= {re.escape(shape)}\{{[\d,]*\}} fusion\(.*calls=%([\w.\-]+)", entry)
 
 
+def distinct_fusions(text: str, shape: str) -> int:
+    """How many different kernels (up to names) the entry computation's fusions with
+    result ``shape`` are: what XLA compiles for them."""
+    computations = _computations(text)
+    return len({_anonymous(computations[name]) for name in _fusions_of_shape(text, shape)})
+
+
 def entry_fusion_sizes(text: str, shape: str) -> list[int]:
     """For each fusion of the entry computation whose result has ``shape``, the number of
     instructions in its fused computation (what the kernel computes per entry)."""

@@ -12,9 +12,10 @@ import optax
 import oracle
 import pytest
 from helpers import DTYPES, all_eqns, enable_x64, make_tree, rtol
-from hlo import entry_fusion_operands, slice_kernels, update_hlo
+from hlo import distinct_fusions, entry_fusion_operands, slice_kernels, update_hlo
 
 import optaxclip as oc
+from optaxclip import _numerics as num
 
 
 def _update(tx, updates, params=None, wrap=lambda f: f):
@@ -504,17 +505,29 @@ def test_boolean_array_threshold_is_rejected():
         oc.clip_by_global_norm(np.array(True))
 
 
+@pytest.mark.parametrize("offsets", [True, False], ids=["runtime_offsets", "pieces"])
 @pytest.mark.parametrize("name", ["clip_by_leaf_norm", "clip_by_block_rms"])
-def test_leaf_kernels_read_their_factors_from_small_pieces(name):
-    # XLA's CPU compile time of a kernel that reads one entry of a vector grows with the
-    # vector's length (15 s for 2,000 leaves reading the factors of all). Each leaf's
-    # output kernel reads the leaf and pieces of at most 16 factors.
+def test_leaf_kernels_read_their_factors_at_a_runtime_offset_or_from_small_pieces(
+    name, offsets, monkeypatch
+):
+    # Up to num._OFFSET_UNITS units, each leaf's output kernel reads the leaf, its own
+    # offset (a runtime scalar) and the factor vector: the kernels of one shape are one
+    # compiled kernel, and no kernel stands between the factors and the scaling (in a chain,
+    # Adam's). Beyond, it reads pieces of at most 16 factors: XLA's CPU compile time of a
+    # kernel that reads a vector grows with the vector's length (15 s for 2,000 leaves
+    # reading the factors of all as slices).
+    if not offsets:
+        monkeypatch.setattr(num, "_OFFSET_UNITS", 32)
     tx = getattr(oc, name)(1.0)
     grads = {f"l{i:02d}": jnp.full((8,), float(i), jnp.float32) for i in range(64)}
     text = update_hlo(tx, grads, grads)
     kernels = entry_fusion_operands(text, "f32[8]")
     assert len(kernels) == 64
-    assert all(max(n for n in sizes if n != 8) <= 16 for sizes in kernels), kernels
+    if offsets:
+        assert all(sorted(sizes)[:2] == [1, 8] and max(sizes) <= 2 * 64 for sizes in kernels)
+        assert distinct_fusions(text, "f32[8]") == 1
+    else:
+        assert all(max(n for n in sizes if n != 8) <= 16 for sizes in kernels), kernels
     out, _ = tx.update(grads, tx.init(grads))
     for i in range(64):  # each leaf got its own factor
         norm = math.sqrt(8) * i if name == "clip_by_leaf_norm" else float(i)
