@@ -1450,7 +1450,7 @@ def factor_spans(vectors: Sequence[jax.Array], spans: Sequence[tuple[int, int]])
     The pieces' kernels sit between the factors and every leaf's scaling, so in a chain
     no kernel of Adam could start before them: ``chain(clip_by_leaf_norm, adam)`` on a
     147-leaf float32 tree of 25M parameters cost 1.13-1.17x ``adam`` from pieces and
-    1.09-1.10x from runtime offsets (``clip_by_block_rms`` 1.13x against 1.08x; alone
+    1.07-1.10x from runtime offsets (``clip_by_block_rms`` 1.13x against 1.08x; alone
     1.04-1.07x either way). That chain also compiled faster: 0.70-0.87x at 147 leaves, and
     0.86x and 0.89x over about 300 and 500 small leaves; but 1.3x over 999, where the
     pieces stay.
