@@ -62,6 +62,11 @@ def _factor(s: jax.Array) -> jax.Array:
     return jnp.minimum(1.0, lax.rsqrt(s))
 
 
+def _data_barrier(f: jax.Array, bad: jax.Array) -> jax.Array:
+    """``f`` plus a term that reads ``bad`` (zero here): a decision without control flow."""
+    return f + jnp.where(bad, 1.0, 0.0)
+
+
 def _one_trip(f: jax.Array, bad: jax.Array) -> jax.Array:
     """``f`` through a ``while_loop`` that halves it once when ``bad`` (never, here)."""
     body = lambda st: (st[0] * 0.5, st[1] & False)
@@ -106,11 +111,12 @@ def variants(group_bytes: int) -> dict[str, Callable[[list[jax.Array]], Any]]:
 
         return fn
 
+    barrier = from_vector(_data_barrier)
+
     def per_group(leaves):
         out: list[Any] = [None] * len(leaves)
         for idx in _groups([x.nbytes for x in leaves], group_bytes):
-            sub = [leaves[i] for i in idx]
-            for i, y in zip(idx, from_vector(lambda f, bad: f + jnp.where(bad, 1.0, 0.0))(sub)[0]):
+            for i, y in zip(idx, barrier([leaves[i] for i in idx])[0]):
                 out[i] = y
         return out, ()
 
@@ -118,7 +124,7 @@ def variants(group_bytes: int) -> dict[str, Callable[[list[jax.Array]], Any]]:
         PLAIN: plain,
         "statistics beside": beside(lambda s: (jnp.min(_factor(s)), jnp.mean(s > 1.0))),
         "rescue loop beside": beside(lambda s: _one_trip(_factor(s), jnp.any(jnp.isinf(s)))),
-        "data barrier": from_vector(lambda f, bad: f + jnp.where(bad, 1.0, 0.0)),
+        "data barrier": barrier,
         "rescue loop": from_vector(_one_trip),
         f"data barrier per {_size(group_bytes)} group": per_group,
     }
@@ -140,7 +146,7 @@ def probe(leaves: list[jax.Array], reps: int, warmup: int, group_bytes: int) -> 
     results = {}
     for c in compiled:
         name = c.contender.name
-        record = {k: v for k, v in bench_clip.summarize(times.calls[name]).items()}
+        record = bench_clip.summarize(times.calls[name])
         record["max_rel_diff_vs_plain"] = differences[name]
         if name in pairs:
             q25, median, q75 = np.percentile(times.per_round(name, PLAIN), [25, 50, 75])
