@@ -96,17 +96,19 @@ def variants(group_bytes: int) -> dict[str, Callable[[list[jax.Array]], Any]]:
     def plain(leaves):
         return [x * _factor(jnp.sum(x * x)) for x in leaves], ()
 
+    def sums(leaves):
+        return jnp.stack([jnp.sum(x * x) for x in leaves])
+
     def beside(extra):
         def fn(leaves):
-            sums = jnp.stack([jnp.sum(x * x) for x in leaves])
-            return plain(leaves)[0], extra(sums)
+            return plain(leaves)[0], extra(sums(leaves))
 
         return fn
 
     def from_vector(decide):
         def fn(leaves):
-            sums = jnp.stack([jnp.sum(x * x) for x in leaves])
-            f = decide(_factor(sums), jnp.any(jnp.isinf(sums)))
+            s = sums(leaves)
+            f = decide(_factor(s), jnp.any(jnp.isinf(s)))
             return [x * f[i] for i, x in enumerate(leaves)], ()
 
         return fn
